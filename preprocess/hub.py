@@ -1,0 +1,122 @@
+"""Fail-fast model downloads: turn hub/timm/torch.hub errors into one clear message.
+
+Every frozen model that repa loads (SD-VAE, teachers) goes through :func:`download_guard`. When a
+download cannot happen (no network, gated repository, missing token, file not in the offline cache), the
+libraries raise a zoo of exception types, sometimes only after long retries. The guard recognises them and
+raises :class:`ModelDownloadError`, whose message names the model and the ways out:
+
+* ``huggingface-cli login`` (gated or private repositories),
+* ``HF_HUB_OFFLINE=1`` with a filled cache (machines without network),
+* a local path (``--vae /path/to/diffusers_dir``, ``--enc-type timm:local-dir:/path``).
+
+Importing this module also shortens the Hugging Face hub's network timeouts (unless the user set them),
+so that an unreachable hub fails in seconds rather than minutes.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import urllib.error
+
+# Must happen before huggingface_hub is imported anywhere (its constants read the environment once).
+os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
+os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+
+__all__ = ["ModelDownloadError", "download_guard", "is_offline", "is_download_error", "fixes_text"]
+
+
+class ModelDownloadError(RuntimeError):
+    """A frozen model's weights could not be obtained (network, gated repo, token, offline cache)."""
+
+
+def is_offline() -> bool:
+    """True when the user asked for offline mode (``HF_HUB_OFFLINE=1``)."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def fixes_text(local_hint: str) -> str:
+    """The ways out, as a bullet list (``local_hint`` says how to point repa at a local copy)."""
+    return (
+        "Ways out:\n"
+        "  - gated or private repository: accept its licence on huggingface.co and run `huggingface-cli login` (`hf auth login`)"
+        " (or set HF_TOKEN);\n"
+        "  - no network on this machine: download once elsewhere into the cache (HF_HOME / TORCH_HOME), copy"
+        " the cache here and run with HF_HUB_OFFLINE=1;\n"
+        f"  - or use a local copy: {local_hint}."
+    )
+
+
+_MESSAGE_MARKERS = (
+    "couldn't connect", "could not connect", "connection", "offline", "cannot find the requested files",
+    "not a valid model identifier", "gated", "401", "403", "404", "repository not found",
+    "entry not found", "local_files_only", "name or service not known", "temporary failure in name resolution",
+    "timed out", "max retries exceeded", "unauthorized", "does not appear to have a file named",
+    "hf_hub_offline",
+)
+
+
+def _hub_error_types() -> tuple[type[BaseException], ...]:
+    types: list[type[BaseException]] = [urllib.error.URLError, socket.timeout, socket.gaierror,
+                                        ConnectionError, TimeoutError]
+    try:
+        from huggingface_hub import errors as hf_errors
+        for name in ("LocalEntryNotFoundError", "RepositoryNotFoundError", "GatedRepoError",
+                     "EntryNotFoundError", "RevisionNotFoundError", "HfHubHTTPError", "OfflineModeIsEnabled"):
+            t = getattr(hf_errors, name, None)
+            if isinstance(t, type):
+                types.append(t)
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency of timm/diffusers
+        pass
+    try:
+        import requests
+        types += [requests.exceptions.ConnectionError, requests.exceptions.Timeout]
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        import httpx
+        types += [httpx.TransportError]
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(types)
+
+
+def is_download_error(err: BaseException) -> bool:
+    """Whether ``err`` (or its cause chain) looks like a failed download rather than a bug or bad config."""
+    types = _hub_error_types()
+    seen = 0
+    e: BaseException | None = err
+    while e is not None and seen < 8:
+        if isinstance(e, types):
+            return True
+        if isinstance(e, (OSError, RuntimeError, ValueError)):
+            msg = str(e).lower()
+            if any(m in msg for m in _MESSAGE_MARKERS):
+                return True
+        e = e.__cause__ or e.__context__
+        seen += 1
+    return False
+
+
+@contextlib.contextmanager
+def download_guard(model: str, local_hint: str):
+    """Re-raise download failures inside the block as :class:`ModelDownloadError` naming ``model``."""
+    try:
+        yield
+    except ModelDownloadError:
+        raise
+    except Exception as err:  # noqa: BLE001 - filtered by is_download_error, everything else re-raised
+        if not is_download_error(err):
+            raise
+        mode = "HF_HUB_OFFLINE=1 is set and the files are not in the local cache" if is_offline() \
+            else "the download failed"
+        raise ModelDownloadError(
+            f"Could not load model '{model}': {mode} ({type(err).__name__}: {_first_line(err)}).\n"
+            + fixes_text(local_hint)
+        ) from err
+
+
+def _first_line(err: BaseException, limit: int = 300) -> str:
+    text = str(err).strip().splitlines()
+    line = text[0] if text else ""
+    return line[:limit]
