@@ -1,0 +1,138 @@
+"""Checkpoint directories: atomic save, load, find latest, keep last K.
+
+Layout (read by ``sampler/load.py``; see docs/CONTRACTS.md)::
+
+    <output_dir>/<exp_name>/checkpoints/<step:07d>/
+        model.safetensors   ema.safetensors   (keys exactly the SiT state dict / official checkpoint's)
+        config.json         {"model": {"name", "kwargs"}, "data": <manifest provenance>,
+                             "args": <training flags>, "step": int, "repa_version": str}
+        train_state.pt      {"step", "optimizer", "scaler", "world_size", "ranks": [per-rank
+                             {"rng": ..., "loader": ...}]}  -- loadable with torch.load(weights_only=True)
+
+A checkpoint is written into ``<step:07d>.tmp-<pid>`` next to its final name and renamed when
+complete, so a crash mid-save never leaves a directory that ``latest_checkpoint`` would pick up.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+STEP_DIR = re.compile(r"^\d{7,}$")
+
+
+def checkpoint_root(output_dir: str, exp_name: str) -> str:
+    """``<output_dir>/<exp_name>/checkpoints``."""
+    return os.path.join(output_dir, exp_name, "checkpoints")
+
+
+def list_checkpoints(root: str) -> list[str]:
+    """Complete checkpoint directories under ``root``, oldest step first (temp dirs ignored)."""
+    if not os.path.isdir(root):
+        return []
+    steps = sorted(int(d) for d in os.listdir(root)
+                   if STEP_DIR.match(d) and os.path.isfile(os.path.join(root, d, "train_state.pt")))
+    return [os.path.join(root, f"{s:07d}") for s in steps]
+
+
+def latest_checkpoint(root: str) -> str | None:
+    """Newest complete checkpoint directory under ``root`` or None."""
+    ckpts = list_checkpoints(root)
+    return ckpts[-1] if ckpts else None
+
+
+def _state_dict_for_safetensors(sd: dict) -> dict:
+    """Contiguous, unshared CPU tensors (safetensors refuses shared storage)."""
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
+
+
+def save_checkpoint(root: str, step: int, *, model_sd: dict, ema_sd: dict, train_state: dict,
+                    config: dict, keep_last: int | None = None) -> str:
+    """Write one checkpoint atomically and prune to the newest ``keep_last``; returns its path."""
+    os.makedirs(root, exist_ok=True)
+    final = os.path.join(root, f"{step:07d}")
+    tmp = f"{final}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        save_file(_state_dict_for_safetensors(model_sd), os.path.join(tmp, "model.safetensors"))
+        save_file(_state_dict_for_safetensors(ema_sd), os.path.join(tmp, "ema.safetensors"))
+        torch.save(train_state, os.path.join(tmp, "train_state.pt"))
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+        if os.path.exists(final):  # re-saving a step (e.g. resumed run ends where it started)
+            old = f"{final}.old-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep_last:
+        for old in list_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """Read a checkpoint directory: ``{"model", "ema", "train_state", "config"}``.
+
+    Raises FileNotFoundError naming the missing file and what to do.
+    """
+    need = ["model.safetensors", "ema.safetensors", "train_state.pt", "config.json"]
+    for name in need:
+        if not os.path.isfile(os.path.join(path, name)):
+            raise FileNotFoundError(
+                f"checkpoint {path!r} has no {name}; pass a directory written by repa-train "
+                f"(<output-dir>/<exp-name>/checkpoints/<step>) or --resume auto")
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    return {
+        "model": load_file(os.path.join(path, "model.safetensors")),
+        "ema": load_file(os.path.join(path, "ema.safetensors")),
+        "train_state": torch.load(os.path.join(path, "train_state.pt"), map_location=map_location,
+                                  weights_only=True),
+        "config": config,
+    }
+
+
+# ---------------------------------------------------------------- RNG states (weights_only-safe)
+
+def rng_state() -> dict:
+    """This process's RNG states as tensors/lists/ints (no numpy objects: weights_only loadable)."""
+    np_state = np.random.get_state()
+    state = {
+        "python": _to_lists(random.getstate()),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                  int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Inverse of :func:`rng_state`."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _to_lists(x):
+    """Tuples -> lists recursively (python RNG state is nested tuples of ints)."""
+    if isinstance(x, tuple):
+        return [_to_lists(v) for v in x]
+    return x

@@ -1,0 +1,147 @@
+"""Observability for repa-train: the JSONL metrics file, tracker set-up and EMA preview grids."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import warnings
+
+import numpy as np
+import torch
+
+TRACKERS = ("none", "tensorboard", "wandb")
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def check_report_to(report_to: str) -> str | None:
+    """Validate ``--report-to``; returns accelerate's ``log_with`` (None for "none")."""
+    if report_to not in TRACKERS:
+        raise ValueError(f"--report-to must be one of {TRACKERS}, got {report_to!r}")
+    if report_to == "none":
+        return None
+    if importlib.util.find_spec(TRACKER_PACKAGES[report_to]) is None:
+        raise ValueError(f"--report-to {report_to} needs the {TRACKER_PACKAGES[report_to]!r} package: "
+                         f"pip install {TRACKER_PACKAGES[report_to]} (or use --report-to none; "
+                         f"metrics.jsonl is always written)")
+    return report_to
+
+
+class JsonlWriter:
+    """Appends one JSON object per line to ``path`` (main process only), flushed every line."""
+
+    def __init__(self, path: str):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        self.path = path
+        self.file = open(path, "a", buffering=1)
+
+    def write(self, record: dict) -> None:
+        clean = {k: (float(v) if isinstance(v, (float, np.floating)) and math.isfinite(v) else
+                     (str(v) if isinstance(v, float) else v)) for k, v in record.items()}
+        self.file.write(json.dumps(clean) + "\n")
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """All records of a metrics.jsonl file."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ---------------------------------------------------------------- EMA preview grid
+
+@torch.no_grad()
+def euler_preview(model, noise: torch.Tensor, labels: torch.Tensor, num_steps: int = 50,
+                  cfg_scale: float = 4.0) -> torch.Tensor:
+    """Euler ODE from t=1 (noise) to t=0 (REFERENCE 6.2) with CFG on all channels.
+
+    Uses ``sampler.euler_sampler`` when the sampler package provides it, otherwise this tiny loop.
+    """
+    try:
+        from sampler import euler_sampler  # type: ignore[attr-defined]
+    except ImportError:
+        try:
+            from sampler.samplers import euler_sampler  # type: ignore[no-redef]
+        except ImportError:
+            euler_sampler = None
+    if euler_sampler is not None:
+        return euler_sampler(model, noise, labels, num_steps=num_steps, cfg_scale=cfg_scale).float()
+    x = noise.double()
+    ts = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+    null = torch.full_like(labels, model.num_classes)
+    for t_cur, t_next in zip(ts[:-1], ts[1:]):
+        xin = torch.cat([x, x]).float() if cfg_scale > 1 else x.float()
+        yin = torch.cat([labels, null]) if cfg_scale > 1 else labels
+        tin = torch.full((xin.shape[0],), float(t_cur), device=x.device)
+        v = model(xin, tin, yin)[0].double()
+        if cfg_scale > 1:
+            cond, uncond = v.chunk(2)
+            v = uncond + cfg_scale * (cond - uncond)
+        x = x + (t_next - t_cur) * v
+    return x.float()
+
+
+def to_grid(images: torch.Tensor, nrow: int | None = None) -> np.ndarray:
+    """(N, 3, H, W) in [-1, 1] -> uint8 HWC grid image."""
+    n, _, h, w = images.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    ncol = math.ceil(n / nrow)
+    grid = torch.zeros(3, ncol * h, nrow * w)
+    for i, img in enumerate(images.float().cpu()):
+        r, c = divmod(i, nrow)
+        grid[:, r * h:(r + 1) * h, c * w:(c + 1) * w] = img
+    return ((grid.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def save_png(array: np.ndarray, path: str) -> None:
+    """Atomic PNG write."""
+    from PIL import Image
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    Image.fromarray(array).save(tmp)
+    os.replace(tmp, path)
+
+
+class PreviewDecoder:
+    """Latents -> images in [-1, 1] for the preview grid, following the manifest's VAE.
+
+    ``vae.id`` null means pixel space: the latent *is* the image. A VAE that cannot be loaded (offline,
+    not downloaded) gives one warning and the grid falls back to the first 3 latent channels.
+    """
+
+    def __init__(self, provenance: dict, device):
+        vae = provenance.get("vae") or {}
+        c = int(vae.get("latent_channels", 4))
+        self.scale = torch.tensor(vae.get("scale", [1.0] * c), dtype=torch.float32).view(1, -1, 1, 1)
+        self.bias = torch.tensor(vae.get("bias", [0.0] * c), dtype=torch.float32).view(1, -1, 1, 1)
+        self.vae_id = vae.get("id")
+        self.device = device
+        self._vae = None
+        self._failed = self.vae_id is None
+
+    def _load(self):
+        if self._vae is None and not self._failed:
+            try:
+                from preprocess.vae import load_vae
+                self._vae = load_vae(self.vae_id, self.device)
+            except Exception as e:  # noqa: BLE001 - a preview must never kill a training run
+                warnings.warn(f"preview grids: cannot load VAE {self.vae_id!r} ({type(e).__name__}: {e}); "
+                              f"saving the first 3 latent channels instead. Download the VAE (or set "
+                              f"HF_HOME to a cache holding it) to get decoded previews.")
+                self._failed = True
+        return self._vae
+
+    @torch.no_grad()
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        z = (z.float().cpu() - self.bias) / self.scale  # undo the training-time scale/bias
+        if self.vae_id is None:
+            return z[:, :3]
+        vae = self._load()
+        if vae is None:
+            z = z[:, :3]
+            lo = z.amin(dim=(1, 2, 3), keepdim=True)
+            hi = z.amax(dim=(1, 2, 3), keepdim=True)
+            return (z - lo) / (hi - lo).clamp_min(1e-8) * 2 - 1
+        return vae.decode(z.to(self.device)).float().cpu()
