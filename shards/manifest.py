@@ -1,0 +1,108 @@
+"""manifest.json: the description of a shard set (schema version, fields, shards, provenance).
+
+The trainer and the sampler read model dimensions (latent size, teacher tokens/dim) from it.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from . import storage
+from .schema import SCHEMA_VERSION, FieldSpec, record_bytes
+
+MANIFEST_NAME = "manifest.json"
+
+
+class ManifestError(ValueError):
+    """manifest.json (or a shard sidecar) is missing, unreadable or incompatible; the message names the file."""
+
+
+@dataclass
+class ShardInfo:
+    """One finished shard: also stored as the sidecar ``<shard>.json`` next to it."""
+
+    name: str
+    num_records: int
+    nbytes: int
+    sha256: str
+    first_key: int
+    last_key: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ShardInfo":
+        return cls(str(d["name"]), int(d["num_records"]), int(d["nbytes"]), str(d["sha256"]),
+                   int(d["first_key"]), int(d["last_key"]))
+
+
+@dataclass
+class Manifest:
+    schema_version: int
+    num_records: int
+    fields: dict[str, FieldSpec]
+    shards: list[ShardInfo]
+    provenance: dict = field(default_factory=dict)
+    record_bytes: int = 0
+
+    def __post_init__(self):
+        if not self.record_bytes:
+            self.record_bytes = record_bytes(self.fields)
+
+    def to_json(self) -> dict:
+        return {
+            "schema_version": self.schema_version,
+            "num_records": self.num_records,
+            "record_bytes": self.record_bytes,
+            "fields": {k: v.to_json() for k, v in self.fields.items()},
+            "shards": [s.to_json() for s in self.shards],
+            "provenance": self.provenance,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict, where: str = "manifest") -> "Manifest":
+        if not isinstance(d, dict):
+            raise ManifestError(f"{where}: not a JSON object")
+        version = d.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ManifestError(f"{where}: schema_version {version!r} is not supported by this repa (reads "
+                                f"version {SCHEMA_VERSION}); re-run repa-preprocess or install a matching repa")
+        try:
+            fields = {k: FieldSpec.from_json(v) for k, v in d["fields"].items()}
+            m = cls(SCHEMA_VERSION, int(d["num_records"]), fields,
+                    [ShardInfo.from_json(s) for s in d["shards"]], dict(d.get("provenance") or {}),
+                    int(d["record_bytes"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ManifestError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
+        if m.record_bytes != record_bytes(fields):
+            raise ManifestError(f"{where}: record_bytes {m.record_bytes} does not match the fields "
+                                f"({record_bytes(fields)}); the file was edited or written by another tool")
+        if sum(s.num_records for s in m.shards) != m.num_records:
+            raise ManifestError(f"{where}: num_records {m.num_records} != sum of the shards' record counts")
+        return m
+
+
+def manifest_url(url: str) -> str:
+    return url if url.endswith(".json") else storage.join(url, MANIFEST_NAME)
+
+
+def read_manifest(url: str, storage_options: dict | None = None) -> Manifest:
+    """Read ``<url>/manifest.json`` (url = shard-set directory/URL, or the manifest file itself)."""
+    path = manifest_url(url)
+    try:
+        raw = storage.read_bytes(path, storage_options)
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: not found; point at a shard set written by repa-preprocess "
+                            "(a directory with manifest.json)") from None
+    try:
+        d = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{path}: invalid JSON ({e})") from None
+    return Manifest.from_json(d, where=path)
+
+
+def write_manifest(url: str, manifest: Manifest, storage_options: dict | None = None) -> None:
+    """Atomically write ``<url>/manifest.json``."""
+    data = json.dumps(manifest.to_json(), indent=1).encode()
+    storage.write_bytes(manifest_url(url), data, storage_options)

@@ -1,0 +1,213 @@
+"""Storage access for shard sets: local paths or any fsspec URL (s3://, gs://, hf://, https://, ...).
+
+Local paths use plain file I/O. Remote URLs go through fsspec with retries (exponential backoff on
+connection errors, timeouts and 5xx answers, a limited number of attempts, then an error naming the URL).
+For ``s3://`` the endpoint is taken from ``AWS_ENDPOINT_URL`` when the caller's storage options do not
+name one, so a local MinIO/moto/Ceph endpoint works with the standard AWS environment variables.
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+import time
+from typing import Callable, TypeVar
+
+import numpy as np
+
+T = TypeVar("T")
+ATTEMPTS = 5
+BASE_DELAY = 0.2
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError, ValueError)
+_TRANSIENT_WORDS = ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttl",
+                    " 500", " 502", " 503", " 504", "timed out", "Connection reset", "Connection refused")
+
+
+class StorageError(OSError):
+    """A storage operation failed (after retries for transient errors); the message names the URL."""
+
+
+def is_remote(url: str) -> bool:
+    return "://" in url and not url.startswith("file://")
+
+
+def local_path(url: str) -> str:
+    return url[len("file://"):] if url.startswith("file://") else url
+
+
+def join(base: str, name: str) -> str:
+    return base.rstrip("/") + "/" + name if is_remote(base) else os.path.join(local_path(base), name)
+
+
+def _options(url: str, storage_options: dict | None) -> dict:
+    opts = dict(storage_options or {})
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if url.startswith(("s3://", "s3a://")) and endpoint and "endpoint_url" not in opts:
+        ck = dict(opts.get("client_kwargs") or {})
+        ck.setdefault("endpoint_url", endpoint)
+        opts["client_kwargs"] = ck
+    return opts
+
+
+def filesystem(url: str, storage_options: dict | None = None):
+    """(fsspec filesystem, path inside it) for a remote URL."""
+    import fsspec
+
+    return fsspec.core.url_to_fs(url, **_options(url, storage_options))
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Connection problems, timeouts and server-side (5xx / throttling) errors are worth retrying."""
+    if isinstance(exc, _PERMANENT):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    if any("Connection" in c.__name__ or "Timeout" in c.__name__ for c in type(exc).__mro__):
+        return True
+    status = getattr(exc, "status", None) or getattr(exc, "status_code", None)
+    resp = getattr(exc, "response", None)
+    if status is None and isinstance(resp, dict):
+        status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    if isinstance(status, int):
+        return status >= 500 or status == 429
+    text = f" {exc}"
+    return any(w in text for w in _TRANSIENT_WORDS)
+
+
+def retry(fn: Callable[[], T], url: str, what: str, attempts: int = ATTEMPTS, base_delay: float = BASE_DELAY) -> T:
+    """Run ``fn`` with exponential backoff on transient errors; raise StorageError naming ``url`` at the end."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - classified right below
+            if not is_transient(e):
+                raise
+            if i == attempts - 1:
+                raise StorageError(f"{what} {url} failed after {attempts} attempts ({type(e).__name__}: {e}); "
+                                   "check the endpoint (AWS_ENDPOINT_URL), credentials and network") from e
+            time.sleep(base_delay * 2**i * (1 + 0.25 * random.random()))
+    raise AssertionError("unreachable")
+
+
+def read_bytes(url: str, storage_options: dict | None = None) -> bytes:
+    if not is_remote(url):
+        with open(local_path(url), "rb") as f:
+            return f.read()
+    fs, path = filesystem(url, storage_options)
+    return retry(lambda: fs.cat_file(path), url, "reading")
+
+
+def write_bytes(url: str, data: bytes, storage_options: dict | None = None) -> None:
+    """Atomic write: temp file + fsync + os.replace locally; a single PUT on object stores."""
+    if is_remote(url):
+        fs, path = filesystem(url, storage_options)
+        retry(lambda: fs.pipe_file(path, data), url, "writing")
+        return
+    path = local_path(url)
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=os.path.basename(path) + ".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def put_file(local: str, url: str, storage_options: dict | None = None) -> None:
+    """Upload a finished local file to ``url`` in one put (object-store puts are atomic)."""
+    fs, path = filesystem(url, storage_options)
+    retry(lambda: fs.put_file(local, path), url, "uploading")
+
+
+def makedirs(url: str, storage_options: dict | None = None) -> None:
+    if not is_remote(url):
+        os.makedirs(local_path(url), exist_ok=True)
+
+
+def listdir(url: str, storage_options: dict | None = None) -> list[str]:
+    """Base names of the entries directly under ``url`` ([] if it does not exist)."""
+    if not is_remote(url):
+        p = local_path(url)
+        return sorted(os.listdir(p)) if os.path.isdir(p) else []
+    fs, path = filesystem(url, storage_options)
+    try:
+        entries = retry(lambda: fs.ls(path, detail=False, refresh=True), url, "listing")
+    except FileNotFoundError:
+        return []
+    return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
+
+
+def size(url: str, storage_options: dict | None = None) -> int | None:
+    """Size in bytes, or None if missing."""
+    if not is_remote(url):
+        try:
+            return os.path.getsize(local_path(url))
+        except FileNotFoundError:
+            return None
+    fs, path = filesystem(url, storage_options)
+    try:
+        return int(retry(lambda: fs.info(path, refresh=True)["size"], url, "stat of"))
+    except FileNotFoundError:
+        return None
+
+
+def remove(url: str, storage_options: dict | None = None) -> None:
+    if not is_remote(url):
+        try:
+            os.unlink(local_path(url))
+        except FileNotFoundError:
+            pass
+        return
+    fs, path = filesystem(url, storage_options)
+    try:
+        retry(lambda: fs.rm_file(path), url, "removing")
+    except FileNotFoundError:
+        pass
+
+
+class RangeFile:
+    """Random-access reads of one file into caller buffers (local: pread-style readinto; remote: range GETs)."""
+
+    def __init__(self, url: str, storage_options: dict | None = None):
+        self.url = url
+        self.remote = is_remote(url)
+        if self.remote:
+            self._fs, self._path = filesystem(url, storage_options)
+            self._f = None
+        else:
+            self._f = open(local_path(url), "rb", buffering=0)
+        self.size = size(url, storage_options) if self.remote else os.fstat(self._f.fileno()).st_size
+
+    def readinto(self, offset: int, out: np.ndarray) -> int:
+        """Fill the uint8 array ``out`` from ``offset``; returns bytes read (less only at end of file)."""
+        n = out.nbytes
+        if self.remote:
+            end = min(offset + n, self.size)
+            if end <= offset:
+                return 0
+            data = retry(lambda: self._fs.cat_file(self._path, start=offset, end=end), self.url, "range read of")
+            out.reshape(-1)[: len(data)] = np.frombuffer(data, np.uint8)
+            return len(data)
+        mv = memoryview(out.reshape(-1)).cast("B")
+        got = 0
+        while got < n:
+            k = os.preadv(self._f.fileno(), [mv[got:]], offset + got) if hasattr(os, "preadv") else self._seek_read(offset + got, mv[got:])
+            if k == 0:
+                break
+            got += k
+        return got
+
+    def _seek_read(self, offset: int, mv: memoryview) -> int:
+        self._f.seek(offset)
+        return self._f.readinto(mv)
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
