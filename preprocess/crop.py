@@ -54,7 +54,7 @@ def adm_center_crop(img: Image.Image, size: int) -> np.ndarray:
     arr = np.asarray(img)
     top = (arr.shape[0] - size) // 2
     left = (arr.shape[1] - size) // 2
-    return np.ascontiguousarray(arr[top: top + size, left: left + size])
+    return arr[top: top + size, left: left + size].copy()  # contiguous, writable
 
 
 def load_rgb(fp, exif_transpose: bool = True) -> Image.Image:

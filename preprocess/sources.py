@@ -46,6 +46,7 @@ class Source:
     name: str            # short file-system-safe name, used for the default --out
     num_classes: int
     indexable: bool = True
+    exif_transpose: bool = True  # apply the EXIF orientation when decoding files
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -118,7 +119,7 @@ class ImageFolderSource(Source):
 
     def decode(self, record):
         path, label = record
-        return load_rgb(path), label, path
+        return load_rgb(path, self.exif_transpose), label, path
 
     def describe(self, key: int) -> str:
         return self.paths[key]
@@ -232,15 +233,15 @@ class HFSource(Source):
         name = self.describe(key)
         if isinstance(img, dict):  # datasets.Image(decode=False): {"bytes": ..., "path": ...}
             if img.get("bytes") is not None:
-                pil = load_rgb(io.BytesIO(img["bytes"]))
+                pil = load_rgb(io.BytesIO(img["bytes"]), self.exif_transpose)
             elif img.get("path"):
-                pil = load_rgb(img["path"])
+                pil = load_rgb(img["path"], self.exif_transpose)
             else:
                 raise SourceError(f"{name}: empty image entry")
         elif isinstance(img, Image.Image):
             pil = to_rgb(img)
         elif isinstance(img, (bytes, bytearray)):
-            pil = load_rgb(io.BytesIO(img))
+            pil = load_rgb(io.BytesIO(img), self.exif_transpose)
         else:
             arr = np.asarray(img)
             if arr.dtype != np.uint8:
