@@ -13,3 +13,6 @@ __all__ = [
     "Manifest", "ManifestError", "ShardInfo", "read_manifest", "write_manifest",
     "ShardWriter", "ShardSetWriter", "completed_shards", "finalize_manifest", "StorageError",
 ]
+from .reader import ShardError, ShardLoader, ShardStream, make_loader  # noqa: E402
+
+__all__ += ["ShardStream", "ShardLoader", "ShardError", "make_loader"]

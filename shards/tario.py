@@ -9,7 +9,11 @@ records with a few vectorised numpy comparisons.
 from __future__ import annotations
 
 import struct
-import zlib
+
+try:  # ISA-L's CRC-32 (same polynomial as zlib) is ~3x faster; zlib is the fallback
+    from isal.isal_zlib import crc32
+except ImportError:  # pragma: no cover
+    from zlib import crc32
 
 import numpy as np
 
@@ -93,7 +97,7 @@ class RecordCodec:
         for i, (m, data) in enumerate(zip(self.data_members, payloads)):
             if len(data) != m.nbytes:
                 raise ValueError(f"field {m.name!r}: {len(data)} bytes, expected {m.nbytes}")
-            crc = zlib.crc32(data, crc)
+            crc = crc32(data, crc)
             parts += [self.header(i, key), data, b"\0" * (padded(m.nbytes) - m.nbytes)]
         parts += [self.header(len(self.members) - 1, key), struct.pack("<I", crc), b"\0" * (BLOCK - 4)]
         out = b"".join(parts)
@@ -135,7 +139,7 @@ class RecordCodec:
         """None if the stored CRC-32 of one record matches its data, else a description."""
         crc = 0
         for m in self.data_members:
-            crc = zlib.crc32(record[m.data_offset: m.data_offset + m.nbytes], crc)
+            crc = crc32(record[m.data_offset: m.data_offset + m.nbytes], crc)
         off = self.crc_member.data_offset
         stored = struct.unpack_from("<I", record, off)[0]
         if stored != crc:
