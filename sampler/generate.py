@@ -1,0 +1,275 @@
+"""Distributed generation: per-index noise and labels, batched solving, decoding, PNGs, npz, JSON, grid.
+
+Reproducibility protocol (differs from the reference on purpose, see below):
+
+* sample ``i``'s initial noise is ``torch.randn(C, H', W')`` (float32, CPU) from a generator seeded by
+  ``(global_seed, i, stream 0)``; its label (``uniform``) is drawn from ``(global_seed, i, stream 1)``; its SDE
+  noise, one float64 draw per step, from ``(global_seed, i, stream 2)``. The three 63-bit seeds come from
+  ``numpy.random.SeedSequence([global_seed, i, stream])``. So a sample depends only on its index and the seed,
+  not on the number of processes, the batch size, the batch it lands in, or whether the run was resumed.
+* The reference instead seeds each rank with ``global_seed * world + rank`` and draws the whole batch from that
+  rank's CUDA stream, so its samples change with the world size and batch size. Bitwise reproduction of a
+  reference ``.npz`` is therefore not a goal; the distribution (and FID protocol) is the same.
+* Float32 matrix kernels may round differently for different batch sizes (GEMM blocking), so images produced
+  with different ``--per-proc-batch-size`` can differ by rounding (an occasional 1-LSB pixel); with the same
+  batch size they are bitwise identical for any number of processes on the same hardware.
+
+Labels: ``uniform`` (the reference protocol: i.i.d. uniform over the classes) or ``balanced`` (sample ``i`` gets
+``classes[i % K]``, so every class gets ``N // K`` or ``N // K + 1`` images, exactly equal when K divides N).
+``class_ids`` restricts either to a subset. Per-class counts are recorded in the output JSON.
+
+Pixels: ``clamp(255 * (x + 1) / 2, 0, 255)`` cast to uint8, i.e. truncation as in the reference generate.py
+(DiT rounds instead; truncation is kept so FIDs are comparable with REPA's).
+"""
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from .npz import atomic_write_bytes, make_grid, read_png, save_png, write_images_npz
+from .solvers import euler_maruyama_sampler, euler_sampler
+
+__all__ = ["SamplingSpec", "sample_generator", "initial_noise", "make_labels", "LatentDecoder", "generate_pngs",
+           "finalize_outputs", "png_path", "DistInfo", "init_distributed", "barrier"]
+
+STREAM_NOISE, STREAM_LABEL, STREAM_SDE = 0, 1, 2
+
+
+@dataclass
+class SamplingSpec:
+    """Everything that determines the images (recorded in the JSON; must match to resume a folder)."""
+    num_samples: int
+    mode: str = "ode"
+    num_steps: int = 50
+    cfg_scale: float = 1.5
+    guidance_low: float = 0.0
+    guidance_high: float = 1.0
+    heun: bool = False
+    path_type: str = "linear"
+    global_seed: int = 0
+    label_sampling: str = "uniform"
+    class_ids: list[int] | None = None
+    num_classes: int = 1000
+    null_class: int = 1000
+    latent_shape: list[int] = field(default_factory=lambda: [4, 32, 32])
+
+    def validate(self) -> None:
+        if self.mode not in ("ode", "sde"):
+            raise ValueError(f"--mode must be ode or sde, got {self.mode!r}")
+        if self.num_samples < 1:
+            raise ValueError(f"--num-fid-samples must be >= 1, got {self.num_samples}")
+        if self.num_steps < 1:
+            raise ValueError(f"--num-steps must be >= 1, got {self.num_steps}")
+        if self.cfg_scale < 1.0:
+            raise ValueError(f"--cfg-scale must be >= 1 (1 = no guidance), got {self.cfg_scale}")
+        if self.label_sampling not in ("uniform", "balanced"):
+            raise ValueError(f"--label-sampling must be uniform or balanced, got {self.label_sampling!r}")
+        if self.path_type not in ("linear", "cosine"):
+            raise ValueError(f"--path-type must be linear or cosine, got {self.path_type!r}")
+        if self.class_ids is not None:
+            bad = [c for c in self.class_ids if not 0 <= c < self.num_classes]
+            if bad or not self.class_ids:
+                raise ValueError(f"--class-ids: {bad or 'empty'} outside [0, {self.num_classes}) for this model")
+
+
+def _seed(global_seed: int, index: int, stream: int) -> int:
+    state = np.random.SeedSequence([int(global_seed), int(index), int(stream)]).generate_state(2, np.uint32)
+    return ((int(state[0]) << 32) | int(state[1])) & ((1 << 63) - 1)
+
+
+def sample_generator(global_seed: int, index: int, stream: int) -> torch.Generator:
+    """A CPU generator for (seed, sample index, stream); see the module docstring."""
+    return torch.Generator().manual_seed(_seed(global_seed, index, stream))
+
+
+def initial_noise(indices, global_seed: int, shape) -> torch.Tensor:
+    """(len(indices), *shape) float32 initial noise, one generator per global sample index."""
+    return torch.stack([torch.randn(tuple(shape), generator=sample_generator(global_seed, i, STREAM_NOISE))
+                        for i in indices])
+
+
+def make_labels(num: int, global_seed: int, num_classes: int, class_ids=None,
+                label_sampling: str = "uniform") -> np.ndarray:
+    """int64 (num,) labels of samples 0..num-1 (independent of how they are split into batches/processes)."""
+    classes = np.asarray(class_ids if class_ids else range(num_classes), dtype=np.int64)
+    if label_sampling == "balanced":
+        return classes[np.arange(num) % len(classes)]
+    if label_sampling != "uniform":
+        raise ValueError(f"--label-sampling must be uniform or balanced, got {label_sampling!r}")
+    k = len(classes)
+    picks = [int(torch.randint(k, (1,), generator=sample_generator(global_seed, i, STREAM_LABEL))) for i in range(num)]
+    return classes[np.asarray(picks, dtype=np.int64)]
+
+
+class LatentDecoder:
+    """Scaled latents -> uint8 NHWC images: ``vae.decode((z - bias) / scale)``, then the reference quantization."""
+
+    def __init__(self, vae, scale, bias, device):
+        self.vae = vae
+        self.scale = torch.tensor(scale, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.bias = torch.tensor(bias, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+
+    @torch.no_grad()
+    def __call__(self, z: torch.Tensor) -> np.ndarray:
+        z = z.to(self.scale.device, torch.float32)
+        x = self.vae.decode((z - self.bias) / self.scale)
+        x = (x + 1) / 2.0
+        x = torch.clamp(255.0 * x, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8)
+        return x.numpy()
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    initialized_here: bool = False
+
+
+def init_distributed(device: str | None = None) -> DistInfo:
+    """Join the process group set up by torchrun / accelerate launch (env RANK, WORLD_SIZE), if any.
+
+    gloo on CPU, nccl on CUDA; each process uses cuda:LOCAL_RANK when CUDA is available.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        dev = torch.device(f"cuda:{local % torch.cuda.device_count()}") if torch.cuda.is_available() else \
+            torch.device("cpu")
+    else:
+        dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    info = DistInfo(rank, world, local, dev)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        info.initialized_here = True
+    return info
+
+
+def barrier(info: DistInfo) -> None:
+    if info.world > 1 and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _broadcast(obj, info: DistInfo):
+    if info.world == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def png_path(folder: str, index: int) -> str:
+    return os.path.join(folder, f"{index:06d}.png")
+
+
+def pending_indices(folder: str, num: int, info: DistInfo) -> list[int]:
+    """Indices whose PNG does not exist yet (scanned once on rank 0, shared with all ranks)."""
+    todo = None
+    if info.rank == 0:
+        existing = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+        todo = [i for i in range(num) if f"{i:06d}.png" not in existing]
+    return _broadcast(todo, info)
+
+
+def prepare_folder(folder: str, identity: dict, info: DistInfo) -> None:
+    """Create the sample folder, or check that an existing one was made with the same settings (resume)."""
+    err = None
+    if info.rank == 0:
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, "sampling.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                old = json.load(f)
+            if old != json.loads(json.dumps(identity)):
+                diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+                err = (f"{folder}: holds samples made with different settings ({', '.join(diff)} differ, see "
+                       f"{path}); use another --sample-dir or delete that folder")
+        else:
+            atomic_write_bytes(path, json.dumps(identity, indent=2, sort_keys=True).encode())
+    err = _broadcast(err, info)
+    if err:
+        raise ValueError(err)
+
+
+@torch.no_grad()
+def generate_pngs(model, decoder: LatentDecoder, spec: SamplingSpec, folder: str, labels: np.ndarray,
+                  info: DistInfo, batch_size: int, progress: bool = True) -> int:
+    """Generate this rank's share of the missing samples of ``folder``; returns how many it wrote."""
+    todo = pending_indices(folder, spec.num_samples, info)
+    mine = todo[info.rank::info.world]
+    batches = [mine[k:k + batch_size] for k in range(0, len(mine), batch_size)]
+    it = batches
+    if progress and info.rank == 0 and batches:
+        from tqdm.auto import tqdm
+        it = tqdm(batches, desc=f"sampling ({len(todo)} to go on {info.world} proc)", unit="batch")
+    kw = dict(num_steps=spec.num_steps, cfg_scale=spec.cfg_scale, guidance_low=spec.guidance_low,
+              guidance_high=spec.guidance_high, path_type=spec.path_type, null_class=spec.null_class)
+    futures = []
+    with ThreadPoolExecutor(max_workers=2) as pool:  # PNG encoding releases the GIL: overlap it with sampling
+        for idx in it:
+            z = initial_noise(idx, spec.global_seed, spec.latent_shape).to(info.device)
+            y = torch.from_numpy(labels[idx]).to(info.device)
+            if spec.mode == "sde":
+                gens = [sample_generator(spec.global_seed, i, STREAM_SDE) for i in idx]
+                out = euler_maruyama_sampler(model, z, y, noise_generators=gens, **kw)
+            else:
+                out = euler_sampler(model, z, y, heun=spec.heun, **kw)
+            images = decoder(out.to(torch.float32))
+            futures += [pool.submit(save_png, png_path(folder, i), img) for i, img in zip(idx, images)]
+            for f in [f for f in futures if f.done()]:
+                f.result()
+        for f in futures:
+            f.result()
+    return len(mine)
+
+
+def finalize_outputs(folder: str, spec: SamplingSpec, labels: np.ndarray, record: dict,
+                     progress: bool = True) -> str:
+    """Rank 0: PNGs -> ``{folder}.npz`` (arr_0 uint8 NHWC, arr_1 labels), ``{folder}.json``, ``{folder}-grid.png``."""
+    missing = [i for i in range(spec.num_samples) if not os.path.isfile(png_path(folder, i))]
+    if missing:
+        raise RuntimeError(f"{folder}: {len(missing)} PNGs missing (e.g. {png_path(folder, missing[0])}); "
+                           f"rerun the same command to resume")
+    first = read_png(png_path(folder, 0))
+    npz_path = folder.rstrip(os.sep) + ".npz"
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        def bar(it):
+            return tqdm(it, desc="writing npz", unit="img", total=spec.num_samples)
+    write_images_npz(npz_path, spec.num_samples, first.shape, lambda i: read_png(png_path(folder, i)),
+                     labels=labels, progress=bar)
+    grid_n = min(spec.num_samples, 64)
+    grid = make_grid(np.stack([read_png(png_path(folder, i)) for i in range(grid_n)]), nrow=8)
+    save_png(folder.rstrip(os.sep) + "-grid.png", grid)
+    counts = np.bincount(labels, minlength=spec.num_classes)
+    record = dict(record)
+    record.update({
+        "npz": os.path.abspath(npz_path), "npz_keys": {"arr_0": "uint8 (N, H, W, 3) NHWC", "arr_1": "int64 labels"},
+        "num_samples": spec.num_samples, "image_shape": list(first.shape), "sample_folder": os.path.abspath(folder),
+        "grid": os.path.abspath(folder.rstrip(os.sep) + "-grid.png"), "sampling": asdict(spec),
+        "class_counts": {str(c): int(n) for c, n in enumerate(counts) if n},
+        "noise_protocol": "per global index: SeedSequence([global_seed, index, stream]); streams 0 noise, "
+                          "1 label, 2 SDE noise (independent of process count and batch composition)",
+        "pixel_quantization": "clamp(255*(x+1)/2, 0, 255).to(uint8) (truncation, as the reference generate.py)",
+    })
+    atomic_write_bytes(folder.rstrip(os.sep) + ".json", json.dumps(record, indent=2, sort_keys=True).encode())
+    return npz_path
+
+
+def spec_identity(spec: SamplingSpec, extra: dict) -> dict:
+    """The part of the settings that must match for a folder to be resumed."""
+    d = asdict(spec)
+    d.update(extra)
+    return d
+
