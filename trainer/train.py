@@ -248,11 +248,17 @@ def build_loader(cfg: TrainConfig, shards_url: str, fields, rank: int, world: in
     return make_loader(stream, num_workers=cfg.num_workers)
 
 
-def rng_neutral_iter(loader):
-    """iter(loader) without consuming the global CPU RNG (DataLoader draws its base seed from it), so
-    building/rebuilding a reader never shifts the training draws (bitwise resume)."""
-    with torch.random.fork_rng(devices=[]):
-        return iter(loader)
+class RngNeutral:
+    """Iterates ``loader`` without ever touching the global CPU RNG (DataLoader draws its base seed from it
+    when the iteration starts), so building, rebuilding or resuming a reader never shifts the training draws."""
+
+    def __init__(self, loader):
+        with torch.random.fork_rng(devices=[]):
+            self.it = iter(loader)
+
+    def __next__(self):
+        with torch.random.fork_rng(devices=[]):
+            return next(self.it)
 
 
 def make_accelerator(cfg: TrainConfig, log_with: str | None, find_unused: bool, project_dir: str):
@@ -355,7 +361,7 @@ def train(cfg: TrainConfig) -> dict:
             log.warning(f"--resume: checkpoint was written by {state.get('world_size')} processes, this run has "
                         f"{world}; the data order and RNG restart (not bitwise-resumable)")
             set_seed(cfg.seed + rank + 1_000_003 * global_step)
-    data = rng_neutral_iter(loader)
+    data = RngNeutral(loader)
     if state is not None and int(state.get("world_size", world)) == world:
         ckpt.set_rng_state(state["ranks"][rank]["rng"])
 
@@ -391,7 +397,7 @@ def train(cfg: TrainConfig) -> dict:
                 position = loader.state_dict()
                 loader = build_loader(cfg, shards_url, fields, rank, world, micro_batch)
                 loader.load_state_dict(position)
-                data = rng_neutral_iter(loader)
+                data = RngNeutral(loader)
                 haste.teacher = None  # free the teacher: phase II never runs it again
                 log.info(f"step {global_step}: HASTE early stop, alignment off; reading only {fields}")
             phase1 = haste if (haste is not None and haste.config.active(global_step)) else None
@@ -432,9 +438,9 @@ def train(cfg: TrainConfig) -> dict:
                 metrics.write({**record, "time": time.time()})
             if log_with:
                 accelerator.log(record, step=global_step)
-            bar.update(1)
             bar.set_postfix(loss=f"{denoise:.4f}", proj=f"{proj:.4f}", gnorm=f"{grad_norm:.3f}",
-                            sps=f"{cfg.batch_size / dt:.1f}", refresh=False)
+                            samples_s=f"{cfg.batch_size / dt:.1f}", refresh=False)
+            bar.update(1)
 
             # ---- checkpoint, preview, pre-emption
             if global_step % cfg.checkpointing_steps == 0 or global_step == cfg.max_train_steps or reduced[3] > 0:
