@@ -258,3 +258,56 @@ def test_resample_tokens():
     assert big.shape == (1, 64, 3) and torch.allclose(big, torch.ones(1, 64, 3))
     with pytest.raises(ValueError, match="square"):
         resample_tokens(torch.randn(1, 15, 3), 4)
+
+
+def direct_sit_forward(sd, x, t, y, *, p, heads, encoder_depth, depth, C=4):
+    """REFERENCE 1.3-1.9 written out from the state dict alone (eval mode, explicit softmax)."""
+    import torch.nn.functional as F
+
+    def lin(h, name):
+        return h @ sd[name + ".weight"].T + sd[name + ".bias"]
+
+    def ln(h):
+        return F.layer_norm(h, h.shape[-1:], eps=1e-6)
+
+    B = x.shape[0]
+    D = sd["pos_embed"].shape[-1]
+    g = x.shape[-1] // p
+    # patches flattened in (c, py, px) order = the conv weight's layout
+    patches = x.reshape(B, C, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(B, g * g, C * p * p)
+    h = patches @ sd["x_embedder.proj.weight"].reshape(D, -1).T + sd["x_embedder.proj.bias"] + sd["pos_embed"]
+    f = torch.exp(-math.log(10000) * torch.arange(128, dtype=torch.float32) / 128)
+    temb = torch.cat([torch.cos(t[:, None] * f), torch.sin(t[:, None] * f)], -1)
+    c = lin(F.silu(lin(temb, "t_embedder.mlp.0")), "t_embedder.mlp.2") + sd["y_embedder.embedding_table.weight"][y]
+    hd = D // heads
+    zs = None
+    for i in range(depth):
+        b = f"blocks.{i}."
+        mod = lin(F.silu(c), b + "adaLN_modulation.1")[:, None]
+        sh1, sc1, g1, sh2, sc2, g2 = [mod[..., k * D:(k + 1) * D] for k in range(6)]
+        a = ln(h) * (1 + sc1) + sh1
+        qkv = lin(a, b + "attn.qkv").reshape(B, -1, 3, heads, hd)
+        q, k, v = [qkv[:, :, j].transpose(1, 2) for j in range(3)]
+        att = torch.softmax(q @ k.transpose(-1, -2) * hd ** -0.5, -1) @ v
+        h = h + g1 * lin(att.transpose(1, 2).reshape(B, -1, D), b + "attn.proj")
+        a = ln(h) * (1 + sc2) + sh2
+        h = h + g2 * lin(F.gelu(lin(a, b + "mlp.fc1"), approximate="tanh"), b + "mlp.fc2")
+        if i == encoder_depth - 1:
+            zs = lin(F.silu(lin(F.silu(lin(h, "projectors.0.0")), "projectors.0.2")), "projectors.0.4")
+    mod = lin(F.silu(c), "final_layer.adaLN_modulation.1")[:, None]
+    out = lin(ln(h) * (1 + mod[..., D:]) + mod[..., :D], "final_layer.linear")  # shift first, then scale
+    img = out.reshape(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, g * p, g * p)
+    return img, zs
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_forward_matches_direct_reference_implementation(fused):
+    torch.manual_seed(0)
+    m = randomize_(tiny(fused_attn=fused), std=0.1).eval()
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([3, 10])  # 10 = null class
+    v, zs = m(x, t, y)
+    sd = {k: v.detach() for k, v in m.state_dict().items()}
+    v_ref, z_ref = direct_sit_forward(sd, x, t, y, p=2, heads=4, encoder_depth=2, depth=3)
+    assert v.abs().max() > 1e-2
+    torch.testing.assert_close(v, v_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(zs[0], z_ref, rtol=1e-5, atol=1e-5)
