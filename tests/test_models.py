@@ -152,11 +152,11 @@ def test_output_is_exactly_zero_at_init():
 
 def test_sit_s2_forward():
     torch.manual_seed(0)
-    m = SiT_models["SiT-S/2"](input_size=32, encoder_depth=4, z_dims=[768]).eval()
+    m = SiT_models["SiT-S/2"](input_size=16, encoder_depth=4, z_dims=[768]).eval()  # 128 px: 64 tokens
     assert m.final_layer.linear.in_features == 384
     with torch.no_grad():
-        v, zs = m(torch.randn(1, 4, 32, 32), torch.rand(1), torch.tensor([7]))
-    assert v.shape == (1, 4, 32, 32) and zs[0].shape == (1, 256, 768)
+        v, zs = m(torch.randn(1, 4, 16, 16), torch.rand(1), torch.tensor([7]))
+    assert v.shape == (1, 4, 16, 16) and zs[0].shape == (1, 64, 768)
     assert torch.isfinite(zs[0]).all()
 
 
