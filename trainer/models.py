@@ -335,14 +335,14 @@ class SiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
-    def forward(self, x, t, y, return_attn: bool = False, force_drop_ids=None, **unused):
+    def forward(self, x, t, y, return_attn: bool = False, force_drop_ids=None, return_logvar: bool = False):
         """Forward pass.
 
         x: (B, C, H', W') noisy latents; t: (B,) times in [0, 1]; y: (B,) int64 labels.
         force_drop_ids: optional (B,) tensor, 1 = replace the label by the null class (any mode).
         Returns ``(v, zs)``, or ``(v, zs, attn_logits)`` with ``return_attn=True`` where attn_logits is
         a list of the pre-softmax (q·hd^-0.5)·kᵀ of blocks 0..encoder_depth-1, each (B, heads, T, T).
-        Extra keywords (the reference's ``return_logvar``) are ignored.
+        ``return_logvar`` exists for signature compatibility with the reference and is ignored, as there.
         """
         x = self.x_embedder(x) + self.pos_embed  # (B, T, D)
         c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)
