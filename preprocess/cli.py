@@ -90,7 +90,7 @@ def main(source, res, out, data_dir, split, image_column, label_column, streamin
         click.echo(
             f"done: {s['out']}: {s['records']} records in {s['shards']} shards, {_human(s['bytes'])} "
             f"({_human(s['bytes_per_record'])}/record), {s['seconds']:.1f} s "
-            f"({s['records_written']} records written by this run, {s['images_per_s']:.1f} images/s), "
+            f"({s['records_written']} records written by this run at {s['images_per_s']:.1f} images/s), "
             f"skipped files: {s['skipped']}")
     return s
 

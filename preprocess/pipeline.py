@@ -251,6 +251,7 @@ class Models:
 
     def __init__(self, opts: Options, device: torch.device):
         from .vae import load_vae
+        opts = _resolve(opts, device)
         self.device = device
         self.opts = opts
         self.vae = load_vae(opts.vae, device)
@@ -535,6 +536,7 @@ def run(opts: Options, echo: Callable[[str], None] = print) -> dict:
 
     writer = _ShardWriters(opts, out, fields, lambda k: int(shard_index[k]), size_of, closed)
     skipped_now: list = []
+    loop_seconds = 0.0
     if n_todo:
         if source.indexable:
             ds = _MapImages(source, keys, opts.res)
@@ -549,6 +551,7 @@ def run(opts: Options, echo: Callable[[str], None] = print) -> dict:
         bar = tqdm(total=n_todo, unit="img", desc=f"repa-preprocess {out}",
                    disable=not opts.progress or dist.rank != 0, smoothing=0.05)
         writer.start()
+        t_loop = time.time()
         try:
             for batch in loader:
                 for key, path, msg in batch["errors"]:
@@ -563,6 +566,7 @@ def run(opts: Options, echo: Callable[[str], None] = print) -> dict:
                 writer.put((batch["ok_keys"], batch["labels"], arrays, batch["errors"]))
                 bar.update(len(batch["keys"]))
             writer.finish()
+            loop_seconds = time.time() - t_loop
         except BaseException:
             writer.cancel()
             writer.abort()
@@ -578,6 +582,7 @@ def run(opts: Options, echo: Callable[[str], None] = print) -> dict:
     dist.barrier()
     summary = {"out": out, "records_written": written["records"], "bytes_written": written["bytes"],
                "shards_written": written["shards"], "seconds": time.time() - t0,
+               "loop_seconds": loop_seconds, "images_per_s": n_todo / loop_seconds if loop_seconds else 0.0,
                "skipped_this_run": len(skipped_now)}
     if dist.rank == 0:
         skipped = _check_complete(out, plan, so)
@@ -597,7 +602,7 @@ def run(opts: Options, echo: Callable[[str], None] = print) -> dict:
         total = sum(s.nbytes for s in manifest.shards)
         summary.update(records=manifest.num_records, bytes=total,
                        bytes_per_record=total / max(1, manifest.num_records), skipped=len(skipped),
-                       shards=len(manifest.shards), images_per_s=n_todo / max(1e-9, time.time() - t0))
+                       shards=len(manifest.shards))
     return summary
 
 
