@@ -148,6 +148,9 @@ def test_output_is_exactly_zero_at_init():
     v, zs = m(torch.randn(3, 4, 8, 8), torch.rand(3), torch.tensor([1, 2, 3]))
     assert v.shape == (3, 4, 8, 8) and torch.count_nonzero(v) == 0
     assert zs[0].abs().sum() > 0
+    plain = tiny(z_dims=[])  # no teacher: a plain SiT without projectors
+    assert not any(k.startswith("projectors") for k in plain.state_dict())
+    assert plain(torch.randn(1, 4, 8, 8), torch.rand(1), torch.tensor([0]))[1] == []
 
 
 def test_sit_s2_forward():
