@@ -81,7 +81,14 @@ class ShardStream(IterableDataset):
         self.epoch = 0
         self.skipped = 0
         self._resume: dict | None = None  # set by ShardLoader: {"rotation": r, "batches": [per logical worker]}
+        self._window_buf = None
         self._meta = False  # ShardLoader asks for "_worker"/"_skipped" entries (stripped before the consumer)
+
+    def __getstate__(self):  # what DataLoader workers receive: no buffers or open files
+        d = dict(self.__dict__)
+        d["_window_buf"] = None
+        d.pop("_files", None)
+        return d
 
     # -- plan ----------------------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -167,7 +174,10 @@ class ShardStream(IterableDataset):
             return
         a, _ = slot_range(slot, num_slots, self.num_records)
         wsz = self.shuffle_window
-        buf = np.empty((min(wsz, n_s), self.codec.record_bytes), np.uint8)
+        shape = (min(wsz, n_s), self.codec.record_bytes)
+        buf = getattr(self, "_window_buf", None)
+        if buf is None or buf.shape != shape:  # reused across windows and epochs: no page faults per window
+            buf = self._window_buf = np.empty(shape, np.uint8)
         epoch = self.epoch + start // n_s if self.infinite else self.epoch
         pos = start % n_s if self.infinite else start
         while True:
