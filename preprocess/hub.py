@@ -15,15 +15,17 @@ so that an unreachable hub fails in seconds rather than minutes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import socket
 import urllib.error
+import urllib.parse
 
 # Must happen before huggingface_hub is imported anywhere (its constants read the environment once).
 os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
 os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
 
-__all__ = ["ModelDownloadError", "download_guard", "is_offline", "is_download_error", "fixes_text"]
+__all__ = ["ModelDownloadError", "download_guard", "is_offline", "is_download_error", "fixes_text", "unreachable"]
 
 
 class ModelDownloadError(RuntimeError):
@@ -98,18 +100,66 @@ def is_download_error(err: BaseException) -> bool:
     return False
 
 
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+@functools.lru_cache(maxsize=None)
+def unreachable(url: str, timeout: float = 3.0) -> str | None:
+    """None if a TCP connection to ``url``'s host can be opened within ``timeout`` s, else the reason.
+
+    Used before hub downloads: without it huggingface_hub retries a dead endpoint with backoff for
+    about 25 s per file. Behind a proxy (``HTTPS_PROXY`` ...) the probe is skipped (returns None).
+    """
+    if any(os.environ.get(v) for v in _PROXY_VARS):
+        return None
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return None
+    except OSError as err:
+        return f"cannot reach {parts.scheme}://{host}:{port} ({err})"
+
+
 @contextlib.contextmanager
-def download_guard(model: str, local_hint: str):
-    """Re-raise download failures inside the block as :class:`ModelDownloadError` naming ``model``."""
+def _offline_hub():
+    """Run the block with huggingface_hub in offline mode (cache only, no network, no retries)."""
+    from huggingface_hub import constants
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
     try:
         yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+@contextlib.contextmanager
+def download_guard(model: str, local_hint: str, hub: bool = True):
+    """Re-raise download failures inside the block as :class:`ModelDownloadError` naming ``model``.
+
+    With ``hub=True`` (Hugging Face downloads) and no offline mode, the hub endpoint is probed first;
+    when it cannot be reached the block runs in offline mode, so a cached copy still loads and a missing
+    one fails at once instead of after minutes of retries.
+    """
+    dead = None
+    if hub and not is_offline():
+        from huggingface_hub import constants
+        dead = unreachable(constants.ENDPOINT)
+    try:
+        with (_offline_hub() if dead else contextlib.nullcontext()):
+            yield
     except ModelDownloadError:
         raise
     except Exception as err:  # noqa: BLE001 - filtered by is_download_error, everything else re-raised
         if not is_download_error(err):
             raise
-        mode = "HF_HUB_OFFLINE=1 is set and the files are not in the local cache" if is_offline() \
-            else "the download failed"
+        if is_offline():
+            mode = "HF_HUB_OFFLINE=1 is set and the files are not in the local cache"
+        elif dead:
+            mode = f"the Hugging Face hub is unreachable: {dead}; the files are not in the local cache"
+        else:
+            mode = "the download failed"
         raise ModelDownloadError(
             f"Could not load model '{model}': {mode} ({type(err).__name__}: {_first_line(err)}).\n"
             + fixes_text(local_hint)

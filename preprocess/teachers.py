@@ -46,7 +46,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .hub import ModelDownloadError, download_guard, is_offline
+from .hub import ModelDownloadError, download_guard, is_offline, unreachable
 
 __all__ = ["Teacher", "load_teacher", "load_teachers", "teacher_input_size",
            "IMAGENET_MEAN", "IMAGENET_STD", "CLIP_MEAN", "CLIP_STD"]
@@ -322,7 +322,41 @@ def _create_timm(name: str, label: str, **kwargs) -> nn.Module:
                 f"--enc-type {label}: '{path}' is not a timm model folder (no config.json). Write one with "
                 f"timm.models.push_to_hf.save_for_hf(model, PATH, safe_serialization=True)")
     with download_guard(label, _LOCAL_HINT):
+        _prefetch_timm_weights(name)
         return timm.create_model(name, pretrained=True, num_classes=0, **kwargs)
+
+
+def _prefetch_timm_weights(name: str) -> None:
+    """Make sure a hub-hosted timm checkpoint is available BEFORE the model is built.
+
+    timm initialises the random weights first and downloads afterwards; for a ViT-L/g that is many
+    seconds to minutes of wasted time before a download error. ``hf-hub:``/``local-dir:`` names are left
+    to timm (it reads their config.json first, which fails fast by itself).
+    """
+    if ":" in name:
+        return
+    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    try:
+        cfg = _timm().models.get_pretrained_cfg(name)
+    except Exception:  # noqa: BLE001 - unknown/odd names: let timm.create_model report them
+        return
+    if cfg is None or not cfg.hf_hub_id:
+        return
+    files = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+    if any(isinstance(try_to_load_from_cache(cfg.hf_hub_id, f), str) for f in files):
+        return
+    if constants.is_offline_mode():
+        raise LocalEntryNotFoundError(f"{cfg.hf_hub_id}: none of {files} is in the local cache (offline mode)")
+    for i, f in enumerate(files):
+        try:
+            hf_hub_download(cfg.hf_hub_id, f)
+            return
+        except LocalEntryNotFoundError:
+            raise
+        except EntryNotFoundError:
+            if i == len(files) - 1:
+                raise
 
 
 def _load_dinov2(enc_type: str, size: str, reg: bool) -> tuple[nn.Module, str]:
@@ -351,7 +385,11 @@ def _load_dinov2_hub(hub_name: str, timm_name: str, label: str) -> nn.Module:
     if is_offline() and not (os.path.isdir(repo_dir) and os.path.isfile(ckpt)):
         raise ModelDownloadError(f"Could not load model '{label}': HF_HUB_OFFLINE=1 is set and torch.hub has "
                                  f"no cached copy ({repo_dir}, {ckpt}).")
-    with download_guard(label, _LOCAL_HINT):
+    if not os.path.isdir(repo_dir):
+        dead = unreachable("https://github.com")
+        if dead:
+            raise ModelDownloadError(f"Could not load model '{label}': torch.hub needs github.com: {dead}.")
+    with download_guard(label, _LOCAL_HINT, hub=False):
         if os.path.isdir(repo_dir):
             hub_model = torch.hub.load(repo_dir, hub_name, source="local", pretrained=True)
         else:

@@ -203,3 +203,35 @@ def test_offline_uncached_dinov2_fails_fast(tmp_path, monkeypatch):
     for needle in ("dinov2-vit-s", "vit_small_patch14_dinov2", "facebookresearch/dinov2",
                    "huggingface-cli login", "HF_HUB_OFFLINE=1", "timm:local-dir:"):
         assert needle in msg, (needle, msg)
+
+
+def test_unreachable_hub_fails_in_seconds(tmp_path):
+    """Network on but the hub dead (closed loopback port): no minutes of retries, a clear message.
+
+    A subprocess because huggingface_hub reads HF_ENDPOINT / HF_HUB_OFFLINE once, at import time.
+    """
+    import os
+    import subprocess
+    import sys
+    code = (
+        "import time\n"
+        "from preprocess.hub import ModelDownloadError\n"
+        "from preprocess.teachers import load_teacher\n"
+        "import timm\n"
+        "t0 = time.perf_counter()\n"
+        "try:\n"
+        "    load_teacher('timm:vit_small_patch14_dinov2.lvd142m', 64)\n"
+        "except ModelDownloadError as e:\n"
+        "    print('ERR', round(time.perf_counter() - t0, 2), str(e).replace(chr(10), ' '))\n"
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="0", HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path),
+               PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        env.pop(v, None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("ERR")]
+    assert len(lines) == 1, out.stdout + out.stderr
+    assert float(lines[0].split()[1]) < 5, lines[0]           # hub retries would take ~25 s per file
+    for needle in ("vit_small_patch14_dinov2.lvd142m", "unreachable", "127.0.0.1:9", "huggingface-cli login",
+                   "timm:local-dir:"):
+        assert needle in lines[0], (needle, lines[0])
