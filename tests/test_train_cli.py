@@ -1,0 +1,61 @@
+"""repa-train CLI (in-process through click's runner): shard-set discovery in a parent dir, the first log
+line, SIGTERM -> checkpoint at the end of the current step and exit 0, EMA preview grid, flag errors."""
+import json
+import os
+import signal
+import threading
+import time
+
+from click.testing import CliRunner
+
+from _train_shards import TINY_MODEL, write_shards
+from trainer.checkpoint import list_checkpoints
+from trainer.cli import main
+from trainer.metrics import read_jsonl
+
+
+def _args(shards, out, *extra):
+    return ["--shards", shards, "--output-dir", out, "--exp-name", "cli", "--model", "SiT-S/2",
+            "--model-kwargs", json.dumps(TINY_MODEL), "--encoder-depth", "1", "--batch-size", "8",
+            "--mixed-precision", "no", "--num-workers", "0", "--sampling-steps", "3", "--num-preview", "4",
+            "--preview-steps", "4", *extra]
+
+
+def test_sigterm_checkpoints_and_exits_zero(tmp_path):
+    write_shards(str(tmp_path / "shards" / "imagenet-64"), n=48)      # parent dir with one shard set
+    out = str(tmp_path / "exps")
+    metrics = os.path.join(out, "cli", "metrics.jsonl")
+
+    def send_sigterm_after_3_steps():
+        deadline = time.time() + 120
+        while time.time() < deadline and not (os.path.exists(metrics) and len(read_jsonl(metrics)) >= 3):
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler only sets a flag; the loop finishes the step
+
+    before = signal.getsignal(signal.SIGTERM)
+    killer = threading.Thread(target=send_sigterm_after_3_steps)
+    killer.start()
+    result = CliRunner().invoke(main, _args(str(tmp_path / "shards"), out, "--max-train-steps", "100000",
+                                            "--checkpointing-steps", "100000"))
+    killer.join()
+    assert result.exit_code == 0, result.output
+    last = read_jsonl(metrics)[-1]["step"]
+    assert 3 <= last < 100
+    ckpts = list_checkpoints(os.path.join(out, "cli", "checkpoints"))
+    assert [os.path.basename(c) for c in ckpts] == [f"{last:07d}"]
+    log = open(os.path.join(out, "cli", "log.txt")).read()
+    assert "processes=1 device=cpu mixed_precision=no" in log.splitlines()[0]
+    assert "imagenet-64" in log and "stop signal" in log
+    assert os.path.isfile(os.path.join(out, "cli", "samples", "0000003.png"))  # EMA preview grid
+    assert signal.getsignal(signal.SIGTERM) == before  # handlers restored after the run
+
+
+def test_cli_errors_name_the_flag(tmp_path):
+    shards = write_shards(str(tmp_path / "s"), n=16)
+    r = CliRunner().invoke(main, _args(shards, str(tmp_path / "o"), "--batch-size", "6",
+                                       "--gradient-accumulation-steps", "4"))
+    assert r.exit_code == 1 and "--batch-size 6" in r.output and r.exc_info[0] is SystemExit
+    r = CliRunner().invoke(main, _args(shards, str(tmp_path / "o"), "--model-kwargs", "{depth: 2}"))
+    assert r.exit_code == 2 and "--model-kwargs" in r.output
+    r = CliRunner().invoke(main, _args(shards, str(tmp_path / "o"), "--resume", str(tmp_path / "nope")))
+    assert r.exit_code == 1 and "--resume" in r.output
