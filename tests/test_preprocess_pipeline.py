@@ -222,3 +222,24 @@ def test_two_processes_equal_one(assets, tmp_path):
             assert torch.equal(got[k][f], ref[k][f])
     assert man.provenance == ref_man.provenance
     assert "done:" in r.stdout and "12 records in 4 shards" in r.stdout  # rank 0's summary
+
+
+def test_haste_residual(assets, tmp_path):
+    import timm
+    from timm.models import save_for_hf
+
+    from preprocess.teachers import load_teacher
+    a = dict(embed_dim=32, depth=9, num_heads=2, img_size=28)
+    torch.manual_seed(1)
+    save_for_hf(timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, **a),
+                str(tmp_path / "t9"), model_args=a, safe_serialization=True)
+    enc = f"timm:local-dir:{tmp_path / 't9'}"
+    run_cli([f"imagefolder:{assets / 'img'}", "--res", str(RES), "--vae", "none", "--enc-type", enc, "--haste",
+             "--limit", "4", "--out", str(tmp_path / "h"), "--num-workers", "0", "--no-progress"])
+    recs, man = read_records(tmp_path / "h")
+    assert man.provenance["haste"] == {"teacher": 0, "start_block": 8, "attn_blocks": [8, 9, 10, 11]}
+    assert man.fields["haste.0"].shape == (5, 32)  # CLS + 2x2 patch tokens
+    teacher = load_teacher(enc, RES, "cpu")
+    img = adm_center_crop(load_rgb(sorted((assets / "img").rglob("*.*"))[2]), RES)
+    ref = teacher.residual_before(torch.from_numpy(img).permute(2, 0, 1)[None], 8)[0]
+    torch.testing.assert_close(recs[2]["haste.0"].float(), ref.half().float())
