@@ -1,0 +1,143 @@
+"""``repa-eval SAMPLES.npz --ref REF.npz``: FID, sFID, Inception Score, precision and recall (ADM protocol).
+
+Both files are ADM-style ``.npz``: ``arr_0`` = uint8 (N, H, W, 3). The reference batch (e.g. ADM's
+``VIRTUAL_imagenet256_labeled.npz``) may carry precomputed ``mu``/``sigma`` (pool3) and ``mu_s``/``sigma_s``
+(spatial) statistics, which are used as they are (ADM does the same); its images are still needed for
+precision/recall (skipped, with a note, when the file has no images). Features come from the PyTorch port of the
+TF FID Inception (``sampler/inception.py``). Prints the result JSON and writes it (atomically) next to SAMPLES
+(``<samples>.eval.json``) or to ``--output``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from .inception import InceptionWeightsError, load_fid_inception
+from .metrics import feature_statistics, frechet_distance, inception_score, precision_recall
+from .npz import atomic_write_bytes, load_images_npz
+
+STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="repa-eval", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("samples", help="samples .npz (arr_0 uint8 NHWC), e.g. the one repa-sample printed")
+    p.add_argument("--ref", required=True, help="reference batch .npz (arr_0 images and/or mu/sigma/mu_s/sigma_s)")
+    p.add_argument("--inception-weights", default=None,
+                   help="path to pt_inception-2015-12-05-6726825d.pth (default: cache, else download)")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--output", default=None, help="result JSON path (default: <samples>.eval.json)")
+    p.add_argument("--no-pr", action="store_true", help="skip precision/recall (no reference activations needed)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+@torch.no_grad()
+def compute_activations(model, images: np.ndarray, batch_size: int, device, desc: str, progress: bool) -> dict:
+    """pool3 (N, 2048), spatial (N, 2023) and logits (N, 1008) as float64 numpy arrays."""
+    out = {"pool3": [], "spatial": [], "logits": []}
+    starts = range(0, len(images), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+        starts = tqdm(starts, desc=desc, unit="batch", total=(len(images) + batch_size - 1) // batch_size)
+    for i in starts:
+        batch = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).to(device)
+        feats = model(batch)
+        for k in out:
+            out[k].append(feats[k].double().cpu().numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def _load_ref(path: str) -> tuple[dict, bool]:
+    """Precomputed statistics of the reference batch (those present) and whether it holds images."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"repa-eval: --ref {path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            files = set(z.files)
+            stats = {k: np.asarray(z[k], np.float64) for k in STAT_KEYS if k in files}
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"repa-eval: --ref {path}: not a readable .npz ({e})") from None
+    return stats, "arr_0" in files
+
+
+def evaluate(args) -> dict:
+    progress = not args.no_progress
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        model = load_fid_inception(args.inception_weights, device)
+    except InceptionWeightsError as e:
+        raise SystemExit(f"repa-eval: {e}") from None
+    try:
+        samples = load_images_npz(args.samples)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise SystemExit(f"repa-eval: {e}") from None
+    ref_stats, ref_has_images = _load_ref(args.ref)
+    notes = []
+    need_ref_acts = (not args.no_pr) or not all(k in ref_stats for k in STAT_KEYS)
+    if need_ref_acts and not ref_has_images:
+        if not all(k in ref_stats for k in STAT_KEYS):
+            raise SystemExit(f"repa-eval: --ref {args.ref}: has neither images (arr_0) nor all of {STAT_KEYS}")
+        notes.append("reference has no images: precision/recall skipped")
+        need_ref_acts = False
+    t0 = time.perf_counter()
+    ref_acts = None
+    if need_ref_acts:
+        ref_acts = compute_activations(model, load_images_npz(args.ref), args.batch_size, device,
+                                       "reference features", progress)
+    acts = compute_activations(model, samples, args.batch_size, device, "sample features", progress)
+    result: dict = {"samples": os.path.abspath(args.samples), "ref": os.path.abspath(args.ref),
+                    "num_samples": int(len(samples)), "image_shape": list(samples.shape[1:])}
+    result["inception_score"] = inception_score(acts["logits"])
+    for name, layer, mk, sk in (("fid", "pool3", "mu", "sigma"), ("sfid", "spatial", "mu_s", "sigma_s")):
+        if mk in ref_stats and sk in ref_stats:
+            mu_r, sigma_r = ref_stats[mk], ref_stats[sk]
+            src = "precomputed in --ref"
+        else:
+            mu_r, sigma_r = feature_statistics(ref_acts[layer])
+            src = "computed from --ref images"
+        mu_s, sigma_s = feature_statistics(acts[layer])
+        try:
+            value, info = frechet_distance(mu_r, sigma_r, mu_s, sigma_s, features2=acts[layer])
+        except ValueError as e:
+            raise SystemExit(f"repa-eval: {name}: {e}") from None
+        info["reference_statistics"] = src
+        result[name] = value
+        result[f"{name}_sqrtm"] = info
+        notes += [f"{name}: {n}" for n in info["notes"]]
+    if ref_acts is not None and not args.no_pr:
+        try:
+            result["precision"], result["recall"] = precision_recall(ref_acts["pool3"], acts["pool3"], k=3)
+        except ValueError as e:
+            notes.append(f"precision/recall skipped: {e}")
+    result["protocol"] = ("ADM evaluator: TF-Inception (2015-12-05) pool3 FID, mixed_6/conv[:7] sFID, bias-free "
+                          "softmax IS (splits of 5000), k=3 precision/recall; PyTorch port (sampler/inception.py)")
+    result["notes"] = notes
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    if args.batch_size < 1:
+        raise SystemExit(f"repa-eval: --batch-size must be >= 1, got {args.batch_size}")
+    result = evaluate(args)
+    out = args.output or (args.samples[:-4] if args.samples.endswith(".npz") else args.samples) + ".eval.json"
+    text = json.dumps(result, indent=2, sort_keys=True)
+    atomic_write_bytes(out, text.encode())
+    for note in result["notes"]:
+        print(f"note: {note}", file=sys.stderr)
+    print(text, flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
