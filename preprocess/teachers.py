@@ -395,9 +395,19 @@ def _load_dinov2_hub(hub_name: str, timm_name: str, label: str) -> nn.Module:
         else:
             hub_model = torch.hub.load("facebookresearch/dinov2", hub_name, trust_repo=True)
     state = {k: v for k, v in hub_model.state_dict().items() if not k.startswith("head.")}
-    model = _timm().create_model(timm_name.split(".")[0], pretrained=False, num_classes=0)
-    model.load_state_dict(checkpoint_filter_fn(state, model), strict=True)
+    with torch.device("meta"):              # no random init: every tensor comes from the checkpoint
+        model = _timm().create_model(timm_name.split(".")[0], pretrained=False, num_classes=0)
+    _load_exact(model, checkpoint_filter_fn(state, model), f"torch.hub {hub_name}")
     return model
+
+
+def _load_exact(model: nn.Module, state: dict, source: str) -> None:
+    """Load ``state`` into a meta-device ``model`` (assign=True); every parameter/buffer must be covered."""
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if missing or unexpected or left:
+        raise ValueError(f"{source}: checkpoint does not match the model (missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}, uninitialised {left[:5]})")
 
 
 # name -> (checkpoint file stem, timm VisionTransformer kwargs, state-dict key, recipe)
@@ -449,10 +459,9 @@ def _load_local_ckpt(enc_type: str, ckpt_dir: str = "ckpts") -> tuple[nn.Module,
     pe = fixed.get("pos_embed")
     n_prefix = 0 if arch.get("class_token", True) is False else 1
     side = int(round(((pe.shape[1] - n_prefix) if pe is not None else 196) ** 0.5))
-    model = VisionTransformer(img_size=side * arch["patch_size"], num_classes=0, **arch)
-    missing, unexpected = model.load_state_dict(fixed, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}: does not match {enc_type} (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    with torch.device("meta"):
+        model = VisionTransformer(img_size=side * arch["patch_size"], num_classes=0, **arch)
+    _load_exact(model, fixed, f"{path} ({enc_type})")
     return model, os.path.abspath(path), recipe
 
 

@@ -235,3 +235,56 @@ def test_unreachable_hub_fails_in_seconds(tmp_path):
     for needle in ("vit_small_patch14_dinov2.lvd142m", "unreachable", "127.0.0.1:9", "huggingface-cli login",
                    "timm:local-dir:"):
         assert needle in lines[0], (needle, lines[0])
+
+
+_FAKE_HUBCONF = '''
+import os
+import torch
+from safetensors.torch import load_file
+
+class _HubDinoV2(torch.nn.Module):
+    """Stand-in for the torch.hub DinoVisionTransformer: only its state dict matters to repa."""
+    def __init__(self, sd):
+        super().__init__()
+        self._sd = sd
+    def state_dict(self, *args, **kwargs):
+        return dict(self._sd)
+
+def dinov2_vits14_reg(pretrained=True):
+    return _HubDinoV2(load_file(os.path.join(os.path.dirname(__file__), "weights.safetensors")))
+'''
+
+
+def test_dinov2_torch_hub_path_converts_like_reference(tmp_path, monkeypatch):
+    """timm unavailable offline -> cached torch.hub DINOv2 (registers variant), converted to timm."""
+    import timm
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in timm.create_model("vit_small_patch14_reg4_dinov2").state_dict().items()}
+    hub = {k: torch.randn(s) * 0.1 for k, s in shapes.items() if k not in ("reg_token", "pos_embed")}
+    hub["register_tokens"] = torch.randn(1, 4, 384)
+    hub["pos_embed"] = torch.randn(1, 1 + 37 * 37, 384)            # hub layout: CLS position + 37x37
+    hub["mask_token"] = torch.zeros(1, 384)
+    for k in list(hub):
+        if k.endswith("ls1.gamma") or k.endswith("ls2.gamma"):
+            hub[k] = torch.full_like(hub[k], 1e-5)
+    home = tmp_path / "torch"
+    repo = home / "hub" / "facebookresearch_dinov2_main"
+    repo.mkdir(parents=True)
+    (repo / "hubconf.py").write_text(_FAKE_HUBCONF)
+    save_file(hub, str(repo / "weights.safetensors"))
+    (home / "hub" / "checkpoints").mkdir()
+    (home / "hub" / "checkpoints" / "dinov2_vits14_reg4_pretrain.pth").write_bytes(b"")
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    t = load_teacher("dinov2-vit-s-reg", 256)
+    assert t.provenance["id"] == "facebookresearch/dinov2:dinov2_vits14_reg"
+    assert t.num_prefix_tokens == 5 and t.num_tokens == 256 and t.input_size == (224, 224)
+    img = _images(1, 256)
+    x = _ref_preprocess(img, 224)
+    pos = _ref_resample(hub["pos_embed"], 37, 16, prefix=1)          # REPA's resample, CLS position kept
+    patches = F.conv2d(x, hub["patch_embed.proj.weight"], hub["patch_embed.proj.bias"], stride=14)
+    patches = patches.flatten(2).transpose(1, 2)
+    want = torch.cat([hub["cls_token"] + pos[:, :1], hub["register_tokens"], patches + pos[:, 1:]], dim=1)
+    torch.testing.assert_close(t.residual_before(img, 0), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(t.model.blocks[3].attn.qkv.weight, hub["blocks.3.attn.qkv.weight"])
