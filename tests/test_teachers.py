@@ -288,3 +288,27 @@ def test_dinov2_torch_hub_path_converts_like_reference(tmp_path, monkeypatch):
     want = torch.cat([hub["cls_token"] + pos[:, :1], hub["register_tokens"], patches + pos[:, 1:]], dim=1)
     torch.testing.assert_close(t.residual_before(img, 0), want, rtol=1e-5, atol=1e-5)
     assert torch.equal(t.model.blocks[3].attn.qkv.weight, hub["blocks.3.attn.qkv.weight"])
+
+
+def test_mocov3_local_checkpoint(tmp_path, monkeypatch):
+    """./ckpts/mocov3_vits.pth (MoCo v3 layout: module.base_encoder. prefix, 14x14 grid) -> 16x16 tokens."""
+    import timm
+    with torch.device("meta"):
+        ref = timm.models.VisionTransformer(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=12,
+                                            num_classes=0)
+    torch.manual_seed(0)
+    sd = {f"module.base_encoder.{k}": torch.zeros(v.shape) for k, v in ref.state_dict().items()}
+    for k in ("pos_embed", "blocks.11.mlp.fc2.weight"):                 # the values checked below
+        sd[f"module.base_encoder.{k}"] = torch.randn(ref.state_dict()[k].shape)
+    sd["module.base_encoder.head.weight"] = torch.zeros(10, 384)          # dropped
+    sd["module.predictor.0.weight"] = torch.zeros(4, 4)                    # dropped
+    (tmp_path / "ckpts").mkdir()
+    torch.save({"state_dict": sd, "epoch": 300, "arch": "vit_small"}, tmp_path / "ckpts" / "mocov3_vits.pth")
+    monkeypatch.chdir(tmp_path)
+    t = load_teacher("mocov3-vit-s", 256)
+    assert t.input_size == (256, 256) and t.num_tokens == 256 and t.embed_dim == 384
+    assert t.provenance["preprocess"] == "x/255, imagenet-normalize"                     # no resize at 256
+    want = _ref_resample(sd["module.base_encoder.pos_embed"], 14, 16, prefix=1)
+    torch.testing.assert_close(t.model.pos_embed.data, want, rtol=0, atol=1e-6)
+    assert torch.equal(t.model.blocks[11].mlp.fc2.weight, sd["module.base_encoder.blocks.11.mlp.fc2.weight"])
+    assert t.model.cls_token.data_ptr() != 0 and not any(p.is_meta for p in t.model.parameters())
