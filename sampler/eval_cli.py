@@ -49,7 +49,7 @@ def compute_activations(model, images: np.ndarray, batch_size: int, device, desc
         from tqdm.auto import tqdm
         starts = tqdm(starts, desc=desc, unit="batch", total=(len(images) + batch_size - 1) // batch_size)
     for i in starts:
-        batch = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).to(device)
+        batch = torch.from_numpy(np.array(images[i:i + batch_size])).to(device)  # copy: the npz may be a read-only mmap
         feats = model(batch)
         for k in out:
             out[k].append(feats[k].double().cpu().numpy())
