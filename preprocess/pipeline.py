@@ -263,7 +263,9 @@ class Models:
             if not self.teachers or not hasattr(self.teachers[0], "residual_before"):
                 raise PreprocessError("--haste needs a first teacher with residual_before() (a dinov2 "
                                       "teacher, e.g. --enc-type dinov2-vit-b)")
-            self.haste_block = 8
+            # HASTE aligns the teacher's last four blocks (DINOv2-B: blocks 8-11, REFERENCE 7.3); the cache
+            # holds the residual stream entering the first of them.
+            self.haste_block = max(0, self.teachers[0].depth - 4)
         if opts.compile:  # the teachers compile their own forward (load option)
             self.encode = torch.compile(self.encode)
 
@@ -591,7 +593,9 @@ def run(opts: Options, echo: Callable[[str], None] = print) -> dict:
             "source": opts.source, "resolution": opts.res, "crop": "adm", "vae": vae_prov,
             "latent_size": int(fields["moments"].shape[-1]), "teachers": teacher_prov,
             "num_classes": int(source.num_classes), "flip": bool(opts.flip),
-            "haste": ({"teacher": 0, "start_block": 8, "attn_blocks": [8, 9, 10, 11]} if opts.haste else None),
+            "haste": ({"teacher": 0, "start_block": models.haste_block,
+                       "attn_blocks": list(range(models.haste_block, models.teachers[0].depth))}
+                      if opts.haste else None),
             "skipped": skipped, "repa_version": _version(),
             "precision": {"vae": opts.vae_precision, "teachers": opts.precision},
             "order": {"shuffled": bool(source.indexable), "seed": opts.seed, "records_per_shard": opts.shard_size},

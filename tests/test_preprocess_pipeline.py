@@ -229,11 +229,11 @@ def test_haste_residual(assets, tmp_path):
     from timm.models import save_for_hf
 
     from preprocess.teachers import load_teacher
-    a = dict(embed_dim=32, depth=9, num_heads=2, img_size=28)
+    a = dict(embed_dim=32, depth=12, num_heads=2, img_size=28)
     torch.manual_seed(1)
     save_for_hf(timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, **a),
-                str(tmp_path / "t9"), model_args=a, safe_serialization=True)
-    enc = f"timm:local-dir:{tmp_path / 't9'}"
+                str(tmp_path / "t12"), model_args=a, safe_serialization=True)
+    enc = f"timm:local-dir:{tmp_path / 't12'}"
     run_cli([f"imagefolder:{assets / 'img'}", "--res", str(RES), "--vae", "none", "--enc-type", enc, "--haste",
              "--limit", "4", "--out", str(tmp_path / "h"), "--num-workers", "0", "--no-progress"])
     recs, man = read_records(tmp_path / "h")
