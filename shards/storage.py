@@ -2,6 +2,9 @@
 
 Local paths use plain file I/O. Remote URLs go through fsspec with retries (exponential backoff on
 connection errors, timeouts and 5xx answers, a limited number of attempts, then an error naming the URL).
+This module is the one retry layer: for ``s3://`` the client's own retries are turned down to a single
+attempt and its timeouts bounded (``S3_CONFIG_DEFAULTS``; config_kwargs given by the caller win), so a dead
+endpoint fails after ``ATTEMPTS`` requests and a few seconds of backoff instead of minutes of nested retries.
 For ``s3://`` the endpoint is taken from ``AWS_ENDPOINT_URL`` when the caller's storage options do not
 name one, so a local MinIO/moto/Ceph endpoint works with the standard AWS environment variables.
 """
@@ -16,11 +19,15 @@ from typing import Callable, TypeVar
 import numpy as np
 
 T = TypeVar("T")
-ATTEMPTS = 5
-BASE_DELAY = 0.2
+ATTEMPTS = 6
+BASE_DELAY = 0.25  # sleeps 0.25, 0.5, 1, 2, 4 s (+ up to 25% jitter) between the attempts
+# s3fs/botocore: one attempt per call (retry() above them retries), bounded connect/read (inactivity) timeouts
+S3_CONFIG_DEFAULTS = {"connect_timeout": 10, "read_timeout": 60, "retries": {"total_max_attempts": 1}}
+S3FS_RETRIES = 1  # s3fs's own retry loop (S3FileSystem.retries, a class attribute, default 5)
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError, ValueError)
 _TRANSIENT_WORDS = ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttl",
-                    " 500", " 502", " 503", " 504", "timed out", "Connection reset", "Connection refused")
+                    " 500", " 502", " 503", " 504", "timed out", "Connection reset", "Connection refused",
+                    "payload is not completed", "Disconnected", "IncompleteRead")
 
 
 class StorageError(OSError):
@@ -42,10 +49,12 @@ def join(base: str, name: str) -> str:
 def _options(url: str, storage_options: dict | None) -> dict:
     opts = dict(storage_options or {})
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if url.startswith(("s3://", "s3a://")) and endpoint and "endpoint_url" not in opts:
-        ck = dict(opts.get("client_kwargs") or {})
-        ck.setdefault("endpoint_url", endpoint)
-        opts["client_kwargs"] = ck
+    if url.startswith(("s3://", "s3a://")):
+        if endpoint and "endpoint_url" not in opts:
+            ck = dict(opts.get("client_kwargs") or {})
+            ck.setdefault("endpoint_url", endpoint)
+            opts["client_kwargs"] = ck
+        opts["config_kwargs"] = {**S3_CONFIG_DEFAULTS, **(opts.get("config_kwargs") or {})}
     return opts
 
 
@@ -53,7 +62,10 @@ def filesystem(url: str, storage_options: dict | None = None):
     """(fsspec filesystem, path inside it) for a remote URL."""
     import fsspec
 
-    return fsspec.core.url_to_fs(url, **_options(url, storage_options))
+    fs, path = fsspec.core.url_to_fs(url, **_options(url, storage_options))
+    if url.startswith(("s3://", "s3a://")) and hasattr(fs, "retries"):
+        fs.retries = S3FS_RETRIES  # retry() is the retry layer (see the module docstring)
+    return fs, path
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -71,11 +83,20 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(status, int):
         return status >= 500 or status == 429
     text = f" {exc}"
-    return any(w in text for w in _TRANSIENT_WORDS)
+    if any(w in text for w in _TRANSIENT_WORDS):
+        return True
+    # s3fs turns a botocore ClientError (5xx, SlowDown) into a plain OSError whose __cause__ is the original
+    cause = exc.__cause__
+    return cause is not None and cause is not exc and is_transient(cause)
 
 
-def retry(fn: Callable[[], T], url: str, what: str, attempts: int = ATTEMPTS, base_delay: float = BASE_DELAY) -> T:
-    """Run ``fn`` with exponential backoff on transient errors; raise StorageError naming ``url`` at the end."""
+def retry(fn: Callable[[], T], url: str, what: str, attempts: int | None = None,
+          base_delay: float | None = None) -> T:
+    """Run ``fn`` with exponential backoff on transient errors; raise StorageError naming ``url`` at the end.
+
+    attempts/base_delay default to the module's ATTEMPTS/BASE_DELAY (read at call time)."""
+    attempts = ATTEMPTS if attempts is None else attempts
+    base_delay = BASE_DELAY if base_delay is None else base_delay
     for i in range(attempts):
         try:
             return fn()
