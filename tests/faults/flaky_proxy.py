@@ -63,7 +63,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Type", "application/xml")
             self.send_header("Content-Length", str(len(msg)))
             self.end_headers()
-            self.wfile.write(msg)
+            if self.command != "HEAD":  # a HEAD answer has no body (bytes sent anyway would corrupt the next reply)
+                self.wfile.write(msg)
             return
         if action == "stall":
             time.sleep(self.server.schedule.stall_seconds)
@@ -77,7 +78,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         for k, v in resp.getheaders():
             if k.lower() not in HOP_HEADERS and k.lower() != "content-length":
                 self.send_header(k, v)
-        self.send_header("Content-Length", str(len(data)))
+        # a HEAD answer has no body but announces the object's size: keep the upstream Content-Length
+        length = resp.getheader("Content-Length") if self.command == "HEAD" else None
+        self.send_header("Content-Length", length if length is not None else str(len(data)))
         self.end_headers()
         if action == "truncate" and len(data) > 1:
             self.wfile.write(data[: len(data) // 2])
