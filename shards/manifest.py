@@ -33,7 +33,11 @@ class ShardInfo:
 
     @classmethod
     def from_json(cls, d: dict) -> "ShardInfo":
-        return cls(str(d["name"]), int(d["num_records"]), int(d["nbytes"]), str(d["sha256"]),
+        name = str(d["name"])
+        if not name or "/" in name or "\\" in name or name in (".", "..") or not name.endswith(".tar"):
+            # a shard is a plain file next to manifest.json: never follow a name out of the shard set
+            raise ValueError(f"shard name {name!r} is not a plain file name ending in .tar")
+        return cls(name, int(d["num_records"]), int(d["nbytes"]), str(d["sha256"]),
                    int(d["first_key"]), int(d["last_key"]))
 
 

@@ -119,7 +119,16 @@ class ShardStream(IterableDataset):
         f = self._files.get(i)
         if f is None:
             info = self.manifest.shards[i]
-            f = storage.RangeFile(self._shard_url(i), self.storage_options)
+            try:
+                f = storage.RangeFile(self._shard_url(i), self.storage_options)
+            except FileNotFoundError:
+                f = None
+            if f is None or f.size is None:  # listed in the manifest, absent from storage
+                if not self.skip_bad:
+                    raise ShardError(f"{self._shard_url(i)}: listed in the manifest ({info.num_records} records) but "
+                                     "missing; restore it (or re-run repa-preprocess into the same --out, which "
+                                     "redoes missing shards) or pass skip_bad=True to skip its records") from None
+                f = _MissingFile(self._shard_url(i))
             if f.size != info.nbytes and not (self.skip_bad and f.size < info.nbytes):
                 what = "shorter" if f.size < info.nbytes else "longer"
                 raise ShardError(f"{f.url}: {f.size} bytes, but the manifest says {info.nbytes} "
@@ -261,6 +270,21 @@ class ShardStream(IterableDataset):
             for f in self._files.values():
                 f.close()
             self._files = {}
+
+
+class _MissingFile:
+    """Stands in for a missing shard with skip_bad: zero bytes, so every record reads as missing (skipped)."""
+
+    size = 0
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def readinto(self, offset, out) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
 
 
 def _delivered(n: int, totals: list[int | None]) -> tuple[list[int], int]:
