@@ -403,8 +403,10 @@ def train(cfg: TrainConfig) -> dict:
             phase1 = haste if (haste is not None and haste.config.active(global_step)) else None
             align = haste is None or phase1 is not None
             stats = torch.zeros(3, device=device)
+            step_batches = []  # kept only to name the cause if the loss is not finite
             for micro in range(accum):
                 batch = {k: v.to(device, non_blocking=True) for k, v in next(data).items()}
+                step_batches.append(batch)
                 sync = micro == accum - 1
                 with nullcontext() if sync else accelerator.no_sync(model):
                     loss, parts = compute_loss(
@@ -417,11 +419,13 @@ def train(cfg: TrainConfig) -> dict:
                                          reduction="sum").tolist()
             denoise, proj, attn = (v / world for v in reduced[:3])
             if not all(math.isfinite(v) for v in (denoise, proj, attn)):
-                raise NonFiniteLossError(_nonfinite_msg(global_step + 1, denoise, proj, last_ckpt))
+                raise NonFiniteLossError(_nonfinite_msg(global_step + 1, denoise, proj, last_ckpt,
+                                                        cause=_nonfinite_cause(step_batches, shards_url)))
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             grad_norm = float(grad_norm)
             if not math.isfinite(grad_norm) and cfg.mixed_precision != "fp16":  # fp16: the scaler skips the step
-                raise NonFiniteLossError(_nonfinite_msg(global_step + 1, denoise, proj, last_ckpt, grad_norm))
+                raise NonFiniteLossError(_nonfinite_msg(global_step + 1, denoise, proj, last_ckpt, grad_norm,
+                                                        cause=_nonfinite_cause(step_batches, shards_url)))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             update_ema(ema, raw_model, cfg.ema_decay)
@@ -536,11 +540,30 @@ class _Preview:
         save_png(to_grid(self.decode(z)), path)
 
 
-def _nonfinite_msg(step, denoise, proj, last_ckpt, grad_norm=None) -> str:
+def _nonfinite_cause(batches: list[dict], shards_url: str) -> str:
+    """Why the loss is not finite: non-finite values in this step's input records, or divergence."""
+    bad = []
+    for batch in batches:
+        keys = batch.get("key")
+        for name, t in batch.items():
+            if name == "key" or not torch.is_floating_point(t):
+                continue
+            rows = (~torch.isfinite(t.reshape(len(t), -1))).any(dim=1)
+            if rows.any():
+                ks = keys[rows].tolist() if keys is not None else []
+                bad.append(f"field '{name}' of record key(s) {ks[:10]}")
+    if bad:
+        return (f"cause: non-finite values in the input records ({'; '.join(bad)}) of {shards_url}; "
+                f"re-create those shards (repa-preprocess) or remove the records")
+    return ("cause: the inputs are finite, the optimisation diverged; resume with a lower --learning-rate "
+            "(or a smaller --max-grad-norm)")
+
+
+def _nonfinite_msg(step, denoise, proj, last_ckpt, grad_norm=None, cause: str = "") -> str:
     what = f"loss={denoise}, proj_loss={proj}" + (f", grad_norm={grad_norm}" if grad_norm is not None else "")
     where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was saved yet"
-    return (f"non-finite loss at step {step} ({what}); stopped without saving. {where}. "
-            f"Resume from it with a lower --learning-rate or check the shards for bad values.")
+    return (f"non-finite loss at step {step} ({what}); stopped without saving. {cause + '. ' if cause else ''}"
+            f"{where}. Resume from it with a lower --learning-rate or check the shards for bad values.")
 
 
 def _make_logger(exp_dir: str | None) -> logging.Logger:
