@@ -79,7 +79,10 @@ class ShardWriter:
             except ValueError as e:
                 raise ValueError(f"{self.url}: record {key}, field '{name}': {e}") from None
         rec = self.codec.pack(key, payloads)
-        self._f.write(rec)
+        try:
+            self._f.write(rec)
+        except OSError as e:
+            raise self._io_error(e) from e
         self._sha.update(rec)
         self._nbytes += len(rec)
         self._keys.append(key)
@@ -93,11 +96,15 @@ class ShardWriter:
         """Finish the tar, publish it under its final name, then write the sidecar; returns the ShardInfo."""
         if self.closed:
             raise RuntimeError(f"{self.url}: already closed")
-        self._f.write(END_OF_ARCHIVE)
+        try:
+            self._f.write(END_OF_ARCHIVE)
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        except OSError as e:
+            self.abort()
+            raise self._io_error(e) from e
         self._sha.update(END_OF_ARCHIVE)
         self._nbytes += len(END_OF_ARCHIVE)
-        self._f.flush()
-        os.fsync(self._f.fileno())
         self._f.close()
         self.closed = True
         try:
@@ -116,6 +123,11 @@ class ShardWriter:
                        record_bytes=self.codec.record_bytes)
         storage.write_bytes(self.url + SIDECAR_SUFFIX, json.dumps(sidecar).encode(), self.storage_options)
         return info
+
+    def _io_error(self, e: OSError) -> OSError:
+        return OSError(e.errno, f"{self.url}: writing the shard failed ({e.strerror or e}); it is not published "
+                       f"(only its temporary file was written, removed on abort) and the shards already complete "
+                       f"are intact. Free space and re-run: only unfinished shards are redone")
 
     def abort(self) -> None:
         """Drop the unfinished shard (removes the temp file); nothing is published."""
