@@ -73,8 +73,13 @@ def save_checkpoint(root: str, step: int, *, model_sd: dict, ema_sd: dict, train
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno is not None:  # disk full, quota, I/O error: say what survived
+            prev = latest_checkpoint(root)
+            raise OSError(e.errno, f"writing checkpoint {final} failed ({e.strerror or e}); nothing was published "
+                          f"(its temporary directory is removed) and the previous checkpoint "
+                          f"{prev or '(none yet)'} is intact. Free space and resume with --resume auto") from e
         raise
     if keep_last:
         for old in list_checkpoints(root)[:-keep_last]:
