@@ -1,6 +1,7 @@
 """Tiny shard sets for the trainer tests and bench (written with the real shards writer)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from shards import FieldSpec, ShardSetWriter, finalize_manifest
@@ -45,3 +46,12 @@ def write_shards(out: str, n: int = 48, *, latent: int = 8, channels: int = 4, t
     finalize_manifest(out, fields, provenance(latent, channels, list(teachers), num_classes, **prov_kwargs),
                       expected_records=n)
     return out
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run faster on one intra-op thread (no thread-pool hand-offs on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

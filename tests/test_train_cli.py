@@ -8,7 +8,7 @@ import time
 
 from click.testing import CliRunner
 
-from _train_shards import TINY_MODEL, write_shards
+from _train_shards import TINY_MODEL, one_thread, write_shards  # noqa: F401 (autouse fixture)
 from trainer.checkpoint import list_checkpoints
 from trainer.cli import main
 from trainer.metrics import read_jsonl

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from _train_shards import TINY_MODEL, write_shards
+from _train_shards import TINY_MODEL, one_thread, write_shards  # noqa: F401 (autouse fixture)
 from trainer import train as train_mod
 from trainer.checkpoint import list_checkpoints, load_checkpoint
 from trainer.metrics import read_jsonl

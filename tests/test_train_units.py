@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from _train_shards import one_thread  # noqa: F401 (autouse fixture)
 from trainer import checkpoint as ckpt
 from trainer.ema import make_ema, update_ema
 from trainer.metrics import PreviewDecoder, to_grid
