@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -100,11 +101,18 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
                 f"(<output-dir>/<exp-name>/checkpoints/<step>) or --resume auto")
     with open(os.path.join(path, "config.json")) as f:
         config = json.load(f)
+    state_path = os.path.join(path, "train_state.pt")
+    try:
+        train_state = torch.load(state_path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        raise ValueError(f"{state_path}: refused to unpickle: it holds objects{f' ({found.group(1)})' if found else ''} "
+                         f"other than tensors and plain containers, which repa-train never writes and which could "
+                         f"run arbitrary code; resume only from checkpoints written by repa-train") from None
     return {
         "model": load_file(os.path.join(path, "model.safetensors")),
         "ema": load_file(os.path.join(path, "ema.safetensors")),
-        "train_state": torch.load(os.path.join(path, "train_state.pt"), map_location=map_location,
-                                  weights_only=True),
+        "train_state": train_state,
         "config": config,
     }
 
