@@ -148,6 +148,10 @@ def run(args, info: DistInfo) -> str | None:
     except CheckpointError as e:
         raise SystemExit(f"repa-sample: {e}") from None
     kw = config["model"]["kwargs"]
+    # The REPA projector heads only feed the training loss; the velocity never depends on them. Dropping them
+    # saves their matmuls at every step (2-6% of a SiT forward) without changing a single output value.
+    if hasattr(model, "projectors"):
+        model.projectors = torch.nn.ModuleList()
     if args.model and config["source"]["kind"] == "repa-checkpoint" and args.model != config["model"]["name"]:
         raise SystemExit(f"repa-sample: --model {args.model} but {config['source']['path']} holds "
                          f"{config['model']['name']}; drop --model")
