@@ -12,7 +12,7 @@ Prints a table, then as the LAST line one JSON object with vs_reference_step = o
 loop_overhead = ours/bare - 1, haste_vs_repa = haste/ours, haste_vs_full_teacher = haste/haste_ref, and the
 peak RSS of each variant in MiB.
 
-    python bench/train_step.py                # SiT-S/2 shapes at 256 px (latent 32x32, 256 tokens), batch 4
+    python bench/train_step.py                # SiT-S/2 shapes at 256 px (latent 32x32, 256 tokens), batch 2, 1 thread
     python bench/train_step.py --hidden 768 --heads 12   # SiT-B/2 shapes (slow on CPU)
 """
 from __future__ import annotations
@@ -167,14 +167,15 @@ def manual_step(a, work: str, variant: str) -> float:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--batch", type=int, default=2)
     p.add_argument("--depth", type=int, default=12)
     p.add_argument("--hidden", type=int, default=384)
     p.add_argument("--heads", type=int, default=6)
     p.add_argument("--steps", type=int, default=3, help="measured steps per variant (median reported)")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=2, help="interleaved repetitions; the fastest is kept")
+    p.add_argument("--threads", type=int, default=1,
+                   help="intra-op threads of every variant (1: stable timings on a shared machine)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; the fastest is kept")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--work", default=None, help="reuse a prepared directory")
     p.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # child mode
