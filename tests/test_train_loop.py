@@ -179,3 +179,16 @@ def test_haste_switch_and_resume(haste_shards, tmp_path, monkeypatch):
     assert torch.equal(a["projectors.0.0.weight"], b["projectors.0.0.weight"])
     assert not torch.equal(a["final_layer.linear.weight"], b["final_layer.linear.weight"])
     assert json.load(open(os.path.join(full["checkpoint"], "config.json")))["args"]["early_stop_point"] == 2
+
+
+def test_grad_checkpointing_gives_the_same_weights(shards, tmp_path, monkeypatch):
+    import trainer.models
+    calls = []
+    real = trainer.models.checkpoint
+    monkeypatch.setattr(trainer.models, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    plain = train(cfg(shards, tmp_path, "plain", max_train_steps=2))
+    assert not calls
+    ckpt_run = train(cfg(shards, tmp_path, "gc", max_train_steps=2, grad_checkpointing=True))
+    assert len(calls) == 2 * 2  # 2 blocks x 2 steps went through activation checkpointing
+    for a, b in zip(weights(plain["checkpoint"]), weights(ckpt_run["checkpoint"])):
+        assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
