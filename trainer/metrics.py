@@ -36,8 +36,12 @@ class JsonlWriter:
         self.file = open(path, "a", buffering=1)
 
     def write(self, record: dict) -> None:
-        clean = {k: (float(v) if isinstance(v, (float, np.floating)) and math.isfinite(v) else
-                     (str(v) if isinstance(v, float) else v)) for k, v in record.items()}
+        """Floats stay numbers; nan/inf become the strings "nan"/"inf" (strict JSON has no NaN)."""
+        clean = {}
+        for k, v in record.items():
+            if isinstance(v, (float, np.floating)):
+                v = float(v) if math.isfinite(v) else str(float(v))
+            clean[k] = v
         self.file.write(json.dumps(clean) + "\n")
 
     def close(self) -> None:
