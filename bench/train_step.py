@@ -8,6 +8,8 @@ One run, same SiT, same batch, same threads, each variant in its own subprocess 
               (timm vit_base_patch14_dinov2, random weights, 224 input) every step, then the same step
   haste       repa-train phase I of HASTE: the teacher's last 4 blocks run online on the cached residual
   haste_ref   HASTE train.py style: PNG decode + the whole teacher online (with attention logits) every step
+Every non-bare variant also times a bare step right after itself in the same process; the ratios use the median
+over rounds of step/bare, so a busy shared machine slowing one process down cancels out.
 Prints a table, then as the LAST line one JSON object with vs_reference_step = ours/reference,
 loop_overhead = ours/bare - 1, haste_vs_repa = haste/ours, haste_vs_full_teacher = haste/haste_ref, and the
 peak RSS of each variant in MiB.
@@ -78,9 +80,11 @@ def prepare(a, work: str) -> None:
 def run_variant(a, work: str, variant: str) -> dict:
     import torch
     torch.set_num_threads(a.threads)
-    if variant in ("ours", "haste"):
-        return {"step_s": ours_step(a, work, variant)}
-    return {"step_s": manual_step(a, work, variant)}
+    step_s = ours_step(a, work, variant) if variant in ("ours", "haste") else manual_step(a, work, variant)
+    res = {"step_s": step_s}
+    if variant != "bare":  # a bare step right after, in the same process: a drift-free ratio to bare
+        res["bare_s"] = manual_step(a, work, "bare")
+    return res
 
 
 def ours_step(a, work: str, variant: str) -> float:
@@ -195,21 +199,26 @@ def main():
     base = [sys.executable, os.path.abspath(__file__), "--work", work] + [
         f"--{k}={getattr(a, k)}" for k in ("batch", "depth", "hidden", "heads", "steps", "warmup", "threads")]
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), PYTHONPATH=ROOT)
-    for r in range(a.rounds):  # variants interleaved; per variant the best round (robust to a busy machine)
+    rel = {}  # variant -> [step / bare step timed right after it in the same process], one per round
+    for r in range(a.rounds):  # variants interleaved, so slow phases of a shared machine hit all of them
         for v in a.variants.split(","):
             proc = subprocess.run(base + ["--variant", v], env=env, capture_output=True, text=True)
             line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode or not line:
                 sys.exit(f"variant {v} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
             res = json.loads(line[-1][len("RESULT "):])
-            print(f"round {r} {v:10s} step {res['step_s'] * 1000:9.1f} ms   peak RSS {res['rss_mib']:7.0f} MiB",
-                  flush=True)
+            ratio = res["step_s"] / res.get("bare_s", res["step_s"])
+            rel.setdefault(v, []).append(ratio)
+            print(f"round {r} {v:10s} step {res['step_s'] * 1000:9.1f} ms  ({ratio:.3f} x bare)  "
+                  f"peak RSS {res['rss_mib']:7.0f} MiB", flush=True)
             best = results.setdefault(v, res)
             best["step_s"] = min(best["step_s"], res["step_s"])
             best["rss_mib"] = max(best["rss_mib"], res["rss_mib"])
-    step = {k: r["step_s"] for k, r in results.items()}
+    step = {k: statistics.median(v) for k, v in rel.items()}  # in units of the bare step
     summary = {"sit": f"SiT depth {a.depth} hidden {a.hidden} heads {a.heads}, 256 tokens", "batch": a.batch,
-               "threads": a.threads, "rounds": a.rounds, "step_ms": {k: round(v * 1000, 1) for k, v in step.items()},
+               "threads": a.threads, "rounds": a.rounds,
+               "best_step_ms": {k: round(r["step_s"] * 1000, 1) for k, r in results.items()},
+               "step_vs_bare_median": {k: round(v, 3) for k, v in step.items()},
                "peak_rss_mib": {k: round(r["rss_mib"]) for k, r in results.items()}}
     if "ours" in step and "reference" in step:
         summary["vs_reference_step"] = round(step["ours"] / step["reference"], 3)
