@@ -333,6 +333,8 @@ def train(cfg: TrainConfig) -> dict:
         state = loaded["train_state"]
         global_step = int(state["step"])
         log.info(f"resumed from {resume_path} at step {global_step}")
+    elif cfg.resume == "auto":
+        log.info(f"--resume auto: no checkpoint under {ckpt_root}, starting from step 0")
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
     ema.to(device)
