@@ -139,5 +139,11 @@ def main(argv=None) -> dict:
     return result
 
 
-if __name__ == "__main__":
+def cli() -> int:
+    """Console-script entry point: ``main`` returns the metrics dict (for Python callers); the process exits 0."""
     main()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())

@@ -205,5 +205,11 @@ def main(argv=None) -> str | None:
     return npz
 
 
-if __name__ == "__main__":
+def cli() -> int:
+    """Console-script entry point: ``main`` returns the .npz path (for Python callers); the process exits 0."""
     main()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())
