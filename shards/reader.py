@@ -255,8 +255,10 @@ class ShardStream(IterableDataset):
                     k = min(b - fill, len(perm) - i)
                     sel = perm[i:i + k]
                     keys_b[fill:fill + k] = torch.from_numpy(keys[sel])
-                    for f, off, nb in spans:  # one gather per field and chunk, straight into the batch buffer
-                        np.take(win[:, off:off + nb], sel, axis=0, out=raw_np[f][fill:fill + k])
+                    for f, off, nb in spans:
+                        dst = raw_np[f]
+                        for r, src in enumerate(sel, start=fill):
+                            dst[r] = win[src, off:off + nb]
                     fill += k
                     i += k
                     if fill == b:
