@@ -151,6 +151,11 @@ class ShardStream(IterableDataset):
             if b > a:
                 si, r0, r1 = int(order[k]), a - int(cum[k]), b - int(cum[k])
                 rows = slice(a - p0, b - p0)
+                if a == p0 and b == p1:  # the whole window lies in one local shard: map it instead of copying
+                    mapped = self._file(si).view(r0 * rb, n * rb)
+                    if mapped is not None:
+                        where[:, 0], where[:, 1] = si, np.arange(r0, r1)
+                        return mapped.reshape(n, rb), where, problems
                 got = self._file(si).readinto(r0 * rb, win[rows])
                 where[rows, 0] = si
                 where[rows, 1] = np.arange(r0, r1)

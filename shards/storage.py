@@ -203,6 +203,7 @@ class RangeFile:
             self._f = None
         else:
             self._f = open(local_path(url), "rb", buffering=0)
+        self._map = None  # lazily created memory map of a local file (see view())
         self.size = size(url, storage_options) if self.remote else os.fstat(self._f.fileno()).st_size
 
     def readinto(self, offset: int, out: np.ndarray) -> int:
@@ -224,11 +225,22 @@ class RangeFile:
             got += k
         return got
 
+    def view(self, offset: int, nbytes: int) -> np.ndarray | None:
+        """A zero-copy read-only uint8 view of ``[offset, offset + nbytes)`` of a local file (memory map), or
+        None for remote files or ranges past the end (callers then fall back to :meth:`readinto`)."""
+        if self.remote or offset + nbytes > self.size or nbytes == 0:
+            return None
+        if self._map is None:
+            import mmap
+            self._map = np.frombuffer(mmap.mmap(self._f.fileno(), self.size, access=mmap.ACCESS_READ), np.uint8)
+        return self._map[offset:offset + nbytes]
+
     def _seek_read(self, offset: int, mv: memoryview) -> int:
         self._f.seek(offset)
         return self._f.readinto(mv)
 
     def close(self) -> None:
+        self._map = None  # the map closes once no window view refers to it any more
         if self._f is not None:
             self._f.close()
             self._f = None
