@@ -16,7 +16,7 @@ DINOv2; instead it builds one once, here, from the data that ships with scikit-l
    token grid is (R/16) x (R/16), as for every teacher of the pipeline;
 5. training: AdamW with a cosine schedule, label smoothing, random translations of up to 2 px
    (at R=32; one quarter of a source pixel per px), seeded (`--seed`), for a fixed number of steps
-   (about a minute on 2 CPU cores);
+   (about 20 s on 2 idle CPU cores);
 6. saving: `timm.models.save_for_hf(model, dir, safe_serialization=True)` writes config.json +
    model.safetensors, the folder format that `--enc-type timm:local-dir:DIR` loads; the held-out accuracy
    measured on the *reloaded* folder and the recipe go to `demo_teacher.json` next to them.
