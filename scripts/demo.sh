@@ -5,7 +5,7 @@
 #                                                      (cached in $REPA_CACHE or ~/.cache/repa, reused)
 #   2. preprocess  repa-preprocess digits --vae none --enc-type timm:local-dir:<teacher>   (32 px, pixel space)
 #   3. train       repa-train: a 4-block SiT with REPA (proj-coeff 0.5)
-#   4. sample      repa-sample (python -m sampler.sample_cli): 100 class-balanced samples -> PNGs, .npz, grid PNG
+#   4. sample      repa-sample: 100 class-balanced samples -> PNGs, .npz, grid PNG
 #   5. figures     scripts/plot_losses.py: loss curves PNG, samples grid with one row per class
 #
 # Everything lands in demo_out/ (override with DEMO_OUT). DEMO_STEPS sets the training steps.
@@ -41,9 +41,7 @@ CKPT="$OUT/exps/digits-repa/checkpoints/$(printf '%07d' "$STEPS")"
 test -d "$CKPT" || { echo "demo: training did not write $CKPT" >&2; exit 1; }
 
 stamp "4/5 repa-sample: 100 class-balanced samples (Euler ODE, 25 steps, CFG 2.0)"
-# `python -m sampler.sample_cli` is repa-sample's module: the console script currently exits with status 1
-# after success (its main() returns the .npz path, which the generated wrapper passes to sys.exit).
-NPZ=$("$PY" -m sampler.sample_cli --ckpt "$CKPT" --num-fid-samples 100 --label-sampling balanced --num-steps 25 \
+NPZ=$(repa-sample --ckpt "$CKPT" --num-fid-samples 100 --label-sampling balanced --num-steps 25 \
     --cfg-scale 2.0 --per-proc-batch-size 100 --sample-dir "$OUT/samples" --no-progress | tail -1)
 
 stamp "5/5 figures"
