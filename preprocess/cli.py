@@ -4,7 +4,7 @@
     repa-preprocess digits --res 32 --vae none --enc-type none
     torchrun --nproc_per_node 8 -m preprocess.cli imagenet --res 512 --out s3://bucket/in512
 
-Rerunning the same command resumes a killed run. See docs/readme/preprocess.md.
+Rerunning the same command resumes a killed run. See README.md (repa-preprocess).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """repa shard format: fixed-stride WebDataset-compatible tar shards of VAE moments + teacher features.
 
-See docs/CONTRACTS.md (the interface) and docs/readme/shards.md (the format and guarantees).
+See docs/CONTRACTS.md (the interface) and README.md (The shard format) (the format and guarantees).
 """
 from .codecs import decode_batch, decode_field, encode_field
 from .manifest import Manifest, ManifestError, ShardInfo, read_manifest, write_manifest

@@ -1,4 +1,4 @@
-"""Fault-injection suite helpers: the fault ledger (counts quoted in docs/readme/reliability.md), forked
+"""Fault-injection suite helpers: the fault ledger (counts quoted in README.md (Reliability)), forked
 processes that get SIGKILLed at chosen points, one-thread determinism.
 
 Every test records what it did with ``faults.record(faults=..., runs=..., records_lost=...)``; at the end of the
