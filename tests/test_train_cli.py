@@ -59,3 +59,23 @@ def test_cli_errors_name_the_flag(tmp_path):
     assert r.exit_code == 2 and "--model-kwargs" in r.output
     r = CliRunner().invoke(main, _args(shards, str(tmp_path / "o"), "--resume", str(tmp_path / "nope")))
     assert r.exit_code == 1 and "--resume" in r.output
+
+
+def test_report_to_tensorboard_logs_the_losses(tmp_path):
+    """--report-to tensorboard goes through accelerate's tracker and records the per-step metrics."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    shards = write_shards(str(tmp_path / "s"), n=16)
+    out = str(tmp_path / "o")
+    r = CliRunner().invoke(main, _args(shards, out, "--max-train-steps", "3", "--checkpointing-steps", "100",
+                                       "--sampling-steps", "100", "--report-to", "tensorboard"))
+    assert r.exit_code == 0, r.output
+    events = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(out, "cli")) for f in fs
+              if f.startswith("events.out.tfevents")]
+    assert events, "no TensorBoard event file written"
+    acc = EventAccumulator(os.path.dirname(events[0]))
+    acc.Reload()
+    jsonl = read_jsonl(os.path.join(out, "cli", "metrics.jsonl"))
+    logged = acc.Scalars("loss")
+    assert [e.step for e in logged] == [m["step"] for m in jsonl] == [1, 2, 3]
+    assert [round(e.value, 5) for e in logged] == [round(m["loss"], 5) for m in jsonl]
