@@ -55,3 +55,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def tiny_train_config(shards: str, out, name: str, **overrides):
+    """A TrainConfig for the tiny SiT on a shard set from :func:`write_shards` (4 steps, checkpoint every 2)."""
+    from trainer.train import TrainConfig
+    base = dict(shards=shards, output_dir=str(out), exp_name=name, model="SiT-S/2", model_kwargs=dict(TINY_MODEL),
+                encoder_depth=1, batch_size=8, max_train_steps=4, checkpointing_steps=2, mixed_precision="no",
+                num_workers=0, sampling_steps=0)
+    base.update(overrides)
+    return TrainConfig(**base)

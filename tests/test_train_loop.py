@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from _train_shards import TINY_MODEL, one_thread, write_shards  # noqa: F401 (autouse fixture)
+from _train_shards import tiny_train_config, TINY_MODEL, one_thread, write_shards  # noqa: F401 (autouse fixture)
 from trainer import train as train_mod
 from trainer.checkpoint import list_checkpoints, load_checkpoint
 from trainer.metrics import read_jsonl
@@ -24,11 +24,7 @@ def shards(tmp_path_factory):
 
 
 def cfg(shards, out, name, **kw):
-    base = dict(shards=shards, output_dir=str(out), exp_name=name, model="SiT-S/2", model_kwargs=dict(TINY_MODEL),
-                encoder_depth=1, batch_size=8, max_train_steps=4, checkpointing_steps=2, mixed_precision="no",
-                num_workers=0, sampling_steps=0)
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_train_config(shards, out, name, **kw)
 
 
 def weights(ckpt_dir):

@@ -119,13 +119,8 @@ def train_shards(tmp_path_factory):
 
 
 def train_cfg(shards, out, name, **kw):
-    from _train_shards import TINY_MODEL
-    from trainer.train import TrainConfig
-    base = dict(shards=shards, output_dir=str(out), exp_name=name, model="SiT-S/2", model_kwargs=dict(TINY_MODEL),
-                encoder_depth=1, batch_size=8, max_train_steps=4, checkpointing_steps=2, mixed_precision="no",
-                num_workers=0, sampling_steps=0, resume="auto")
-    base.update(kw)
-    return TrainConfig(**base)
+    from _train_shards import tiny_train_config
+    return tiny_train_config(shards, out, name, **{"resume": "auto", **kw})
 
 
 def assert_same_weights(a, b):
