@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
@@ -195,7 +196,11 @@ def prepare_folder(folder: str, identity: dict, info: DistInfo) -> None:
                        f"{path}); use another --sample-dir or delete that folder")
         else:
             atomic_write_bytes(path, json.dumps(identity, indent=2, sort_keys=True).encode())
-    err = _broadcast(err, info)
+        if err is None:  # temp files of a killed run (never read: PNGs are found by their final names)
+            for name in os.listdir(folder):
+                if re.fullmatch(r"\..+\.tmp\d+", name):
+                    os.remove(os.path.join(folder, name))
+    err = _broadcast(err, info)  # also the sync point: no rank writes before rank 0 has cleaned up
     if err:
         raise ValueError(err)
 
