@@ -82,6 +82,9 @@ def save_checkpoint(root: str, step: int, *, model_sd: dict, ema_sd: dict, train
                           f"(its temporary directory is removed) and the previous checkpoint "
                           f"{prev or '(none yet)'} is intact. Free space and resume with --resume auto") from e
         raise
+    for name in os.listdir(root):  # leftovers of killed runs: never read (temp dirs are not checkpoints)
+        if re.fullmatch(r"\d{7}\.(tmp|old)-\d+", name):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     if keep_last:
         for old in list_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)

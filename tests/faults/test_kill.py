@@ -153,6 +153,7 @@ def test_train_sigkill_during_checkpoint_write(train_shards, tmp_path, one_threa
     load_checkpoint(latest_checkpoint(str(root)))  # the previous one is intact
     resumed = train(cfg)  # the same command again (--resume auto)
     assert resumed["step"] == 4
+    assert sorted(os.listdir(root)) == ["0000002", "0000004"]  # the killed save's temp dir was cleaned up
     assert_same_weights(ref["checkpoint"], resumed["checkpoint"])
     a, b = load_checkpoint(ref["checkpoint"])["train_state"], load_checkpoint(resumed["checkpoint"])["train_state"]
     assert a["ranks"][0]["loader"] == b["ranks"][0]["loader"]
