@@ -33,12 +33,17 @@ __all__ = ["euler_sampler", "euler_maruyama_sampler", "get_score_from_velocity",
 REFERENCE_NULL_CLASS = 1000
 
 
+def _unwrap(model):
+    """The SiT inside DDP / accelerate wrappers and torch.compile."""
+    inner = getattr(model, "module", model)
+    return getattr(inner, "_orig_mod", inner)
+
+
 def resolve_null_class(model, null_class: int | None = None) -> int:
     """The label index meaning "unconditional": ``null_class``, else the model's ``num_classes``, else 1000."""
     if null_class is not None:
         return int(null_class)
-    inner = getattr(model, "module", model)  # DDP / accelerate wrappers
-    inner = getattr(inner, "_orig_mod", inner)  # torch.compile
+    inner = _unwrap(model)
     for owner in (getattr(inner, "y_embedder", None), inner):
         n = getattr(owner, "num_classes", None)
         if isinstance(n, int):
@@ -83,6 +88,11 @@ class _Guided:
         self.cfg_scale, self.low, self.high = cfg_scale, guidance_low, guidance_high
         self.y_cfg = None
         if cfg_scale > 1.0:
+            table = getattr(getattr(_unwrap(model), "y_embedder", None), "embedding_table", None)
+            if table is not None and null_class >= table.num_embeddings:
+                raise ValueError(f"cfg_scale={cfg_scale} needs a null-class embedding (row {null_class}), but the "
+                                 f"model's label table has {table.num_embeddings} rows: it was trained without "
+                                 "label dropout (class_dropout_prob / --cfg-prob 0). Sample with cfg_scale 1")
             self.y_cfg = torch.cat([y, torch.full_like(y, null_class)], dim=0)
 
     def active(self, t_cur: torch.Tensor) -> bool:

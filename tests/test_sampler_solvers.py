@@ -183,3 +183,17 @@ def test_tiny_sit_ode(setup):
     sit.num_classes = 10
     ref = ref_ode(sit, x, y, 4, True, 1.8, 0.0, 0.7)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_cfg_without_null_class_is_a_clear_error():
+    """A SiT trained with --cfg-prob 0 has no null row: CFG must say so instead of an index error."""
+    import pytest
+    import torch
+    from sampler import euler_sampler
+    from trainer.models import SiT
+    m = SiT(input_size=4, patch_size=2, in_channels=3, hidden_size=32, depth=1, num_heads=2, num_classes=5,
+            class_dropout_prob=0.0, z_dims=[], encoder_depth=1).eval()
+    x, y = torch.randn(2, 3, 4, 4), torch.tensor([0, 4])
+    euler_sampler(m, x, y, num_steps=2, cfg_scale=1.0)  # conditional sampling works
+    with pytest.raises(ValueError, match="null-class embedding"):
+        euler_sampler(m, x, y, num_steps=2, cfg_scale=1.5)
