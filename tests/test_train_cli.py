@@ -79,3 +79,13 @@ def test_report_to_tensorboard_logs_the_losses(tmp_path):
     logged = acc.Scalars("loss")
     assert [e.step for e in logged] == [m["step"] for m in jsonl] == [1, 2, 3]
     assert [round(e.value, 5) for e in logged] == [round(m["loss"], 5) for m in jsonl]
+
+
+def test_cfg_prob_zero_trains_and_previews_without_guidance(tmp_path):
+    """--cfg-prob 0: no null class, so the EMA preview samples unguided instead of crashing the run."""
+    shards = write_shards(str(tmp_path / "s"), n=16)
+    out = str(tmp_path / "o")
+    r = CliRunner().invoke(main, _args(shards, out, "--max-train-steps", "3", "--checkpointing-steps", "100",
+                                       "--sampling-steps", "3", "--cfg-prob", "0"))
+    assert r.exit_code == 0, r.output
+    assert os.path.isfile(os.path.join(out, "cli", "samples", "0000003.png"))

@@ -535,7 +535,9 @@ class _Preview:
         self.noise = torch.randn(cfg.num_preview, c, s, s, generator=g).to(device)
         self.labels = torch.randint(model_kwargs["num_classes"], (cfg.num_preview,), generator=g).to(device)
         self.decode = PreviewDecoder(prov, device)
-        self.steps, self.cfg_scale = cfg.preview_steps, cfg.preview_cfg
+        # a model trained without label dropout (--cfg-prob 0) has no null class to guide with
+        self.steps = cfg.preview_steps
+        self.cfg_scale = cfg.preview_cfg if model_kwargs.get("class_dropout_prob", 0.1) > 0 else 1.0
 
     def __call__(self, ema, path):
         z = euler_preview(ema, self.noise, self.labels, self.steps, self.cfg_scale)
