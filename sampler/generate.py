@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 
-from .npz import atomic_write_bytes, make_grid, read_png, save_png, write_images_npz
+from .npz import atomic_write_bytes, is_temp_name, make_grid, read_png, save_png, write_images_npz
 from .solvers import euler_maruyama_sampler, euler_sampler
 
 __all__ = ["SamplingSpec", "sample_generator", "initial_noise", "make_labels", "LatentDecoder", "generate_pngs",
@@ -198,7 +197,7 @@ def prepare_folder(folder: str, identity: dict, info: DistInfo) -> None:
             atomic_write_bytes(path, json.dumps(identity, indent=2, sort_keys=True).encode())
         if err is None:  # temp files of a killed run (never read: PNGs are found by their final names)
             for name in os.listdir(folder):
-                if re.fullmatch(r"\..+\.tmp\d+", name):
+                if is_temp_name(name):
                     os.remove(os.path.join(folder, name))
     err = _broadcast(err, info)  # also the sync point: no rank writes before rank 0 has cleaned up
     if err:

@@ -9,13 +9,15 @@ temporary file in the destination folder followed by ``os.replace``.
 from __future__ import annotations
 
 import os
+import re
 import zipfile
 from typing import Callable, Iterable
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["save_png", "read_png", "write_images_npz", "load_images_npz", "make_grid", "atomic_write_bytes"]
+__all__ = ["save_png", "read_png", "write_images_npz", "load_images_npz", "make_grid", "atomic_write_bytes",
+           "is_temp_name"]
 
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
@@ -23,6 +25,11 @@ _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 def _tmp_path(path: str) -> str:
     d, name = os.path.split(os.path.abspath(path))
     return os.path.join(d, f".{name}.tmp{os.getpid()}")
+
+
+def is_temp_name(name: str) -> bool:
+    """True for a file name made by :func:`_tmp_path` (a write in progress, or left by a killed process)."""
+    return re.fullmatch(r"\..+\.tmp\d+", name) is not None
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:

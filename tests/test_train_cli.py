@@ -61,15 +61,20 @@ def test_cli_errors_name_the_flag(tmp_path):
     assert r.exit_code == 1 and "--resume" in r.output
 
 
+def _train_3_steps(tmp_path, *extra):
+    """Three steps of the tiny model through the CLI; returns the run's output dir."""
+    shards = write_shards(str(tmp_path / "s"), n=16)
+    out = str(tmp_path / "o")
+    r = CliRunner().invoke(main, _args(shards, out, "--max-train-steps", "3", "--checkpointing-steps", "100", *extra))
+    assert r.exit_code == 0, r.output
+    return out
+
+
 def test_report_to_tensorboard_logs_the_losses(tmp_path):
     """--report-to tensorboard goes through accelerate's tracker and records the per-step metrics."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    shards = write_shards(str(tmp_path / "s"), n=16)
-    out = str(tmp_path / "o")
-    r = CliRunner().invoke(main, _args(shards, out, "--max-train-steps", "3", "--checkpointing-steps", "100",
-                                       "--sampling-steps", "100", "--report-to", "tensorboard"))
-    assert r.exit_code == 0, r.output
+    out = _train_3_steps(tmp_path, "--sampling-steps", "100", "--report-to", "tensorboard")
     events = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(out, "cli")) for f in fs
               if f.startswith("events.out.tfevents")]
     assert events, "no TensorBoard event file written"
@@ -83,9 +88,5 @@ def test_report_to_tensorboard_logs_the_losses(tmp_path):
 
 def test_cfg_prob_zero_trains_and_previews_without_guidance(tmp_path):
     """--cfg-prob 0: no null class, so the EMA preview samples unguided instead of crashing the run."""
-    shards = write_shards(str(tmp_path / "s"), n=16)
-    out = str(tmp_path / "o")
-    r = CliRunner().invoke(main, _args(shards, out, "--max-train-steps", "3", "--checkpointing-steps", "100",
-                                       "--sampling-steps", "3", "--cfg-prob", "0"))
-    assert r.exit_code == 0, r.output
+    out = _train_3_steps(tmp_path, "--sampling-steps", "3", "--cfg-prob", "0")
     assert os.path.isfile(os.path.join(out, "cli", "samples", "0000003.png"))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -236,6 +235,7 @@ def test_sample_sigkill_mid_png_and_before_npz(tmp_path, one_thread, faults):
     npz = sample_main(run)
     assert os.path.basename(npz) == os.path.basename(ref)
     assert Path(npz).read_bytes() == Path(ref).read_bytes()  # the same samples, to the byte
-    leftovers = [n for n in os.listdir(folder) if re.search(r"\.tmp\d+$", n)]
+    from sampler.npz import is_temp_name
+    leftovers = [n for n in os.listdir(folder) if is_temp_name(n)]
     faults.record(faults=2, kind="SIGKILL", runs=2)
     assert leftovers == []  # the rerun removed the killed runs' temp files
