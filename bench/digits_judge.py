@@ -109,7 +109,7 @@ class Judge:
 def train_judge(images: torch.Tensor, labels: torch.Tensor, *, steps: int = 300, batch_size: int = 128,
                 lr: float = 2e-3, seed: int = 0, max_shift: int = 2, log=print) -> DigitsCNN:
     """Train a `DigitsCNN` on uint8 (N, 3, R, R) images with random translations; returns it in eval mode."""
-    from preprocess.demo_teacher import random_shift
+    from repa.preprocess.demo_teacher import random_shift
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -135,7 +135,7 @@ def load_or_train_judge(cache_dir: str, resolution: int, *, steps: int = 300, se
     """The judge for ``resolution`` (trained on half B, cached as safetensors in ``cache_dir``) and its info."""
     from safetensors.torch import load_file, save_file
 
-    from preprocess.demo_teacher import digits_images, split_halves
+    from repa.preprocess.demo_teacher import digits_images, split_halves
 
     images, labels = digits_images(resolution)
     half_a, half_b = split_halves(len(images), split_seed)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from shards import FieldSpec, ShardSetWriter, ShardStream, feature_spec, finalize_manifest  # noqa: E402
+from repa.shards import FieldSpec, ShardSetWriter, ShardStream, feature_spec, finalize_manifest  # noqa: E402
 
 FIELDS = {"moments": FieldSpec((8, 32, 32), "float32"), "label": FieldSpec((), "int64"),
           "feat.0": feature_spec((256, 768), "bf16")}

@@ -64,8 +64,8 @@ def make_images(root: Path, n: int) -> Path:
 
 def model_only(opts, device, source, n: int) -> float:
     """images/s of VAE + teacher forward on already-decoded crops (same batch size, same models)."""
-    from preprocess.crop import adm_center_crop
-    from preprocess.pipeline import Models
+    from repa.preprocess.crop import adm_center_crop
+    from repa.preprocess.pipeline import Models
     models = Models(opts, device)
     crops = [torch.from_numpy(adm_center_crop(source.decode(source.get(k))[0], opts.res)).permute(2, 0, 1)
              for k in range(n)]
@@ -86,10 +86,10 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from preprocess.pipeline import Options, run
-    from preprocess.sources import open_source
-    from shards import read_manifest, record_bytes
-    from shards.schema import FieldSpec, feature_spec
+    from repa.preprocess.pipeline import Options, run
+    from repa.preprocess.sources import open_source
+    from repa.shards import read_manifest, record_bytes
+    from repa.shards.schema import FieldSpec, feature_spec
 
     root = Path(tempfile.mkdtemp(prefix="bench_preprocess_"))
     try:

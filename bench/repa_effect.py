@@ -89,7 +89,7 @@ def make_shards(teacher: str, out: str) -> str:
     """repa-preprocess the digits with the teacher (reused when the shard set is complete)."""
     if os.path.isfile(os.path.join(out, "manifest.json")):
         return out
-    cmd = [sys.executable, "-m", "preprocess.cli", "digits", "--res", str(RESOLUTION), "--vae", "none",
+    cmd = [sys.executable, "-m", "repa.preprocess.cli", "digits", "--res", str(RESOLUTION), "--vae", "none",
            "--enc-type", f"timm:local-dir:{teacher}", "--out", out, "--num-workers", "1", "--no-progress"]
     log(" ".join(cmd))
     subprocess.run(cmd, check=True, cwd=ROOT)
@@ -99,7 +99,7 @@ def make_shards(teacher: str, out: str) -> str:
 def train_run(shards: str, out_dir: str, name: str, proj_coeff: float, seed: int, steps: int,
               eval_every: int) -> str:
     """One training run through the trainer's loop (resumes/skips if already complete); returns its exp dir."""
-    from trainer.train import TrainConfig, train
+    from repa.trainer.train import TrainConfig, train
 
     exp = os.path.join(out_dir, name)
     final = os.path.join(exp, "checkpoints", f"{steps:07d}")
@@ -117,10 +117,10 @@ def train_run(shards: str, out_dir: str, name: str, proj_coeff: float, seed: int
 @torch.no_grad()
 def sample_checkpoint(ckpt: str, num: int, num_steps: int, cfg_scale: float, seed: int = 0):
     """Class-balanced samples of a checkpoint's EMA weights: uint8 (N, 3, R, R) and their labels."""
-    from preprocess.vae import load_vae
-    from sampler import euler_sampler
-    from sampler.generate import LatentDecoder, initial_noise, make_labels
-    from sampler.load import load_sampling_model
+    from repa.preprocess.vae import load_vae
+    from repa.sampler import euler_sampler
+    from repa.sampler.generate import LatentDecoder, initial_noise, make_labels
+    from repa.sampler.load import load_sampling_model
 
     model, config = load_sampling_model(ckpt, weights="ema", device="cpu")
     kw = config["model"]["kwargs"]
@@ -216,7 +216,7 @@ def main(argv=None) -> dict:
     t_start = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)
 
-    from preprocess.demo_teacher import INFO_FILE, ensure_teacher
+    from repa.preprocess.demo_teacher import INFO_FILE, ensure_teacher
     teacher = ensure_teacher(args.teacher_cache, log=log)
     with open(os.path.join(teacher, INFO_FILE)) as f:
         teacher_info = json.load(f)

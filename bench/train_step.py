@@ -49,7 +49,7 @@ def prepare(a, work: str) -> None:
     from timm.models import save_for_hf
 
     from _train_shards import write_shards
-    from shards import FieldSpec
+    from repa.shards import FieldSpec
 
     torch.manual_seed(0)
     teacher_dir = os.path.join(work, "dinov2_b_random")
@@ -89,8 +89,8 @@ def run_variant(a, work: str, variant: str) -> dict:
 
 def ours_step(a, work: str, variant: str) -> float:
     """Median per-step wall time of the real loop, from the timestamps in its metrics.jsonl."""
-    from trainer.metrics import read_jsonl
-    from trainer.train import TrainConfig, train
+    from repa.trainer.metrics import read_jsonl
+    from repa.trainer.train import TrainConfig, train
     out = os.path.join(work, "runs")
     name = f"{variant}-{time.time_ns()}"
     train(TrainConfig(shards=os.path.join(work, "repa" if variant == "ours" else "haste"), output_dir=out,
@@ -107,11 +107,11 @@ def manual_step(a, work: str, variant: str) -> float:
     import torch
     from PIL import Image
 
-    from preprocess.teachers import load_teacher
-    from trainer.ema import make_ema, update_ema
-    from trainer.haste import attention_alignment_loss, default_haste_config
-    from trainer.loss import REPALoss
-    from trainer.models import build_model
+    from repa.preprocess.teachers import load_teacher
+    from repa.trainer.ema import make_ema, update_ema
+    from repa.trainer.haste import attention_alignment_loss, default_haste_config
+    from repa.trainer.loss import REPALoss
+    from repa.trainer.models import build_model
 
     torch.manual_seed(0)
     model = build_model("SiT-S/2", input_size=32, z_dims=[768], encoder_depth=4, **model_kwargs(a)).train()

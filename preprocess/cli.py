@@ -2,7 +2,7 @@
 
     repa-preprocess imagenet --data-dir /data/ILSVRC2012/train --res 256
     repa-preprocess digits --res 32 --vae none --enc-type none
-    torchrun --nproc_per_node 8 -m preprocess.cli imagenet --res 512 --out s3://bucket/in512
+    torchrun --nproc_per_node 8 -m repa.preprocess.cli imagenet --res 512 --out s3://bucket/in512
 
 Rerunning the same command resumes a killed run. See README.md (repa-preprocess).
 """
@@ -95,5 +95,5 @@ def main(source, res, out, data_dir, split, image_column, label_column, streamin
     return s
 
 
-if __name__ == "__main__":  # python -m preprocess.cli (torchrun -m preprocess.cli)
+if __name__ == "__main__":  # python -m repa.preprocess.cli (torchrun -m repa.preprocess.cli)
     sys.exit(main())

@@ -24,7 +24,7 @@ DINOv2; instead it builds one once, here, from the data that ships with scikit-l
 The folder is cached (default ``$REPA_CACHE or ~/.cache/repa``/demo-teacher-<hash of the recipe>) and reused
 when present; the write is atomic (temporary folder, then rename).
 
-    python -m preprocess.demo_teacher --out ~/.cache/repa      # prints the teacher folder
+    python -m repa.preprocess.demo_teacher --out ~/.cache/repa      # prints the teacher folder
 """
 from __future__ import annotations
 
@@ -85,8 +85,8 @@ def digits_images(resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
     """All 1,797 digits as repa-preprocess sees them: uint8 (N, 3, R, R) after the ADM crop, int64 labels.
 
     Cached per resolution: treat the returned tensors as read-only."""
-    from preprocess.crop import adm_center_crop
-    from preprocess.sources import DigitsSource
+    from repa.preprocess.crop import adm_center_crop
+    from repa.preprocess.sources import DigitsSource
 
     src = DigitsSource()
     images, labels = [], []
@@ -124,7 +124,7 @@ def _create_vit(recipe: TeacherRecipe, input_size: int):
 
 def _pipeline_view(model, recipe: TeacherRecipe):
     """The repa-preprocess `Teacher` wrapper around `model` (used for its input preprocessing only)."""
-    from preprocess.teachers import Teacher, _Recipe
+    from repa.preprocess.teachers import Teacher, _Recipe
     cfg = model.pretrained_cfg
     view = Teacher(model, name="demo-teacher", model_id=None, resolution=recipe.resolution,
                    recipe=_Recipe(tuple(cfg["mean"]), tuple(cfg["std"]), "custom"))
@@ -144,7 +144,7 @@ def _accuracy(model, view, images, labels, batch: int = 256) -> float:
 
 def build_teacher(out_dir: str, recipe: TeacherRecipe = TeacherRecipe(), *, log=print) -> dict:
     """Train the teacher per ``recipe`` and save it (timm folder format) to ``out_dir``; returns its info dict."""
-    from preprocess.teachers import teacher_input_size
+    from repa.preprocess.teachers import teacher_input_size
     from timm.models import save_for_hf
 
     t0 = time.perf_counter()
@@ -230,7 +230,7 @@ def ensure_teacher(cache_root: str | None = None, recipe: TeacherRecipe = Teache
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m preprocess.demo_teacher", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m repa.preprocess.demo_teacher", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default=None, help="cache root; the teacher goes to <out>/demo-teacher-<hash> "
                                                "[default: $REPA_CACHE or ~/.cache/repa]")

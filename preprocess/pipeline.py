@@ -108,7 +108,7 @@ def shard_plan(n: int, shard_size: int, *, shuffle: bool, seed: int) -> list[np.
 # small JSON files next to the shards (local paths and object-store URLs, via shards.storage)
 
 def _read_json(url: str, storage_options: dict | None) -> Any | None:
-    from shards import storage
+    from repa.shards import storage
     if storage.size(url, storage_options) is None:
         return None
     try:
@@ -119,12 +119,12 @@ def _read_json(url: str, storage_options: dict | None) -> Any | None:
 
 def _write_json(url: str, obj: Any, storage_options: dict | None) -> None:
     """Atomic (temp file + os.replace locally, one PUT on object stores)."""
-    from shards import storage
+    from repa.shards import storage
     storage.write_bytes(url, json.dumps(obj, indent=1, sort_keys=True).encode(), storage_options)
 
 
 def _join(url: str, *parts: str) -> str:
-    from shards import storage
+    from repa.shards import storage
     for p in parts:
         url = storage.join(url, p)
     return url
@@ -305,7 +305,7 @@ class Models:
 
 def _fields(opts: Options, sample: dict[str, torch.Tensor]) -> dict:
     """Field specs (CONTRACTS.md order: moments, label, feat.i, moments_flip, feat_flip.i, haste.i)."""
-    from shards.schema import FieldSpec, feature_spec
+    from repa.shards.schema import FieldSpec, feature_spec
     fields = {"moments": FieldSpec(tuple(sample["moments"].shape[1:]), "float32", "raw"),
               "label": FieldSpec((), "int64", "raw")}
     for name, t in sample.items():
@@ -372,7 +372,7 @@ class _ShardWriters(threading.Thread):
 
     def _writer(self, j: int):
         if j not in self.open:
-            from shards import ShardWriter
+            from repa.shards import ShardWriter
             self.open[j] = ShardWriter(self.out, self.fields, shard_name=shard_name(j),
                                        storage_options=self.opts.storage_options)
             self.seen[j] = 0
@@ -422,7 +422,7 @@ def _check_settings(out: str, mine: dict, storage_options) -> None:
     url = _join(out, SETTINGS_FILE)
     theirs = _read_json(url, storage_options)
     if theirs is None:
-        from shards import storage
+        from repa.shards import storage
         if storage.size(_join(out, "manifest.json"), storage_options) is not None:
             raise PreprocessError(f"{out} already holds a shard set (manifest.json) not made by this "
                                   f"repa-preprocess version ({SETTINGS_FILE} missing); choose another --out")
@@ -464,8 +464,8 @@ def _device(opts: Options, dist: Dist) -> torch.device:
 def _remove_stale(out: str, names: list[str], storage_options) -> None:
     """Delete temp files that killed runs left for the shards about to be redone (local output only;
     object-store shards are staged in the local temp dir and uploaded in one put)."""
-    from shards import storage
-    from shards.writer import TMP_MARK
+    from repa.shards import storage
+    from repa.shards.writer import TMP_MARK
     if storage.is_remote(out):
         return
     prefixes = tuple(n + TMP_MARK for n in names)
@@ -510,7 +510,7 @@ def run(opts: Options, echo: Callable[[str], None] = print) -> dict:
         raise err or PreprocessError(f"rank 0 refused to resume into {out}; see its error message")
     dist.barrier()
 
-    from shards import completed_shards, finalize_manifest
+    from repa.shards import completed_shards, finalize_manifest
     plan = shard_plan(n, opts.shard_size, shuffle=source.indexable, seed=opts.seed)
     done = completed_shards(out, storage_options=so)
     mine = [j for j in range(len(plan)) if j % dist.world == dist.rank and shard_name(j) not in done]
@@ -612,7 +612,7 @@ def run(opts: Options, echo: Callable[[str], None] = print) -> dict:
 
 def _check_complete(out: str, plan: list[np.ndarray], so) -> list[dict]:
     """Every planned shard is complete and holds its keys minus its skipped ones; returns all skipped."""
-    from shards import completed_shards
+    from repa.shards import completed_shards
     done = completed_shards(out, storage_options=so)
     skipped, problems = [], []
     for j, keys in enumerate(plan):

@@ -113,7 +113,7 @@ def _rename_legacy(sd: dict, encoder_depth: int) -> dict:
 def infer_sit_kwargs(sd: dict, *, model_name: str | None = None, encoder_depth: int | None = None,
                      num_heads: int | None = None, where: str = "checkpoint") -> tuple[str, dict]:
     """SiT constructor kwargs (and a registry name) that reproduce the shapes of state dict ``sd``."""
-    from trainer.models import SiT_ARCHS
+    from repa.trainer.models import SiT_ARCHS
 
     try:
         hidden, in_ch, patch, _ = sd["x_embedder.proj.weight"].shape
@@ -161,7 +161,7 @@ def infer_sit_kwargs(sd: dict, *, model_name: str | None = None, encoder_depth: 
 
 
 def _build(kwargs: dict, sd: dict, where: str, fused_attn: bool | None, device):
-    from trainer.models import SiT
+    from repa.trainer.models import SiT
 
     kwargs = dict(kwargs)
     if fused_attn is not None:

@@ -1,7 +1,7 @@
 """``repa-sample``: checkpoint -> PNGs -> ADM ``.npz`` (+ JSON of the full configuration, + a grid PNG).
 
 Flags follow the reference ``generate.py`` (REFERENCE 9.2). Run it on one process, or on many with
-``torchrun --nproc_per_node N -m sampler.sample_cli ...`` / ``accelerate launch -m sampler.sample_cli ...``
+``torchrun --nproc_per_node N -m repa.sampler.sample_cli ...`` / ``accelerate launch -m repa.sampler.sample_cli ...``
 (on CPU use ``torchrun``: ``accelerate launch --cpu`` starts a single process). Every sample's noise and label
 derive from its global index (see ``sampler/generate.py``), so the output does not depend on the number of
 processes or the batch size, and an interrupted run resumes by skipping the PNGs already written.
@@ -170,7 +170,7 @@ def run(args, info: DistInfo) -> str | None:
         spec.validate()
     except ValueError as e:
         raise SystemExit(f"repa-sample: {e}") from None
-    from preprocess.vae import load_vae
+    from repa.preprocess.vae import load_vae
     vae = load_vae(vae_spec, info.device)
     decoder = LatentDecoder(vae, scale, bias, info.device)
     folder = os.path.join(args.sample_dir, _folder_name(args, config, res, vae_spec, spec))

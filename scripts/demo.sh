@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: the whole repa pipeline, offline, on 2 CPU cores, in a few minutes.
 #
-#   1. teacher     python -m preprocess.demo_teacher   a small timm ViT trained ~1 min on scikit-learn's digits
+#   1. teacher     python -m repa.preprocess.demo_teacher   a small timm ViT trained ~1 min on scikit-learn's digits
 #                                                      (cached in $REPA_CACHE or ~/.cache/repa, reused)
 #   2. preprocess  repa-preprocess digits --vae none --enc-type timm:local-dir:<teacher>   (32 px, pixel space)
 #   3. train       repa-train: a 4-block SiT with REPA (proj-coeff 0.5)
@@ -24,7 +24,7 @@ T0=$(date +%s)
 stamp() { echo "[demo $(( $(date +%s) - T0 ))s] $*" >&2; }
 
 stamp "1/5 teacher: a pretrained ViT built from the embedded digits (reused if cached)"
-TEACHER=$("$PY" -m preprocess.demo_teacher --resolution "$RES" | tail -1)
+TEACHER=$("$PY" -m repa.preprocess.demo_teacher --resolution "$RES" | tail -1)
 
 stamp "2/5 repa-preprocess digits -> $OUT/shards (pixel space, teacher features)"
 repa-preprocess digits --res "$RES" --vae none --enc-type "timm:local-dir:$TEACHER" \

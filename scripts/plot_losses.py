@@ -69,7 +69,7 @@ def plot_losses(metrics_path: str, out_png: str) -> str:
 
 def class_grid(npz_path: str, out_png: str, per_class: int = 10, scale: int = 2) -> str:
     """One row per class (the first ``per_class`` samples of each label), upscaled ``scale``x (nearest)."""
-    from sampler.npz import make_grid, save_png
+    from repa.sampler.npz import make_grid, save_png
 
     with np.load(npz_path) as d:
         images, labels = d["arr_0"], d["arr_1"] if "arr_1" in d else None

@@ -16,10 +16,10 @@ import torch
 
 torch.set_num_threads(1)
 
-from trainer.ema import make_ema, update_ema  # noqa: E402
-from trainer.loss import REPALoss  # noqa: E402
-from trainer.models import SiT  # noqa: E402
-from trainer.train import TrainConfig, compute_loss, make_accelerator, train  # noqa: E402
+from repa.trainer.ema import make_ema, update_ema  # noqa: E402
+from repa.trainer.loss import REPALoss  # noqa: E402
+from repa.trainer.models import SiT  # noqa: E402
+from repa.trainer.train import TrainConfig, compute_loss, make_accelerator, train  # noqa: E402
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, encoder_depth=1,
             z_dims=[16], projector_dim=32, num_classes=10, class_dropout_prob=0.1)

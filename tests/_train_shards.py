@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shards import FieldSpec, ShardSetWriter, finalize_manifest
+from repa.shards import FieldSpec, ShardSetWriter, finalize_manifest
 
 TINY_MODEL = {"depth": 2, "hidden_size": 32, "num_heads": 2, "projector_dim": 32}
 
@@ -59,7 +59,7 @@ def one_thread():
 
 def tiny_train_config(shards: str, out, name: str, **overrides):
     """A TrainConfig for the tiny SiT on a shard set from :func:`write_shards` (4 steps, checkpoint every 2)."""
-    from trainer.train import TrainConfig
+    from repa.trainer.train import TrainConfig
     base = dict(shards=shards, output_dir=str(out), exp_name=name, model="SiT-S/2", model_kwargs=dict(TINY_MODEL),
                 encoder_depth=1, batch_size=8, max_train_steps=4, checkpointing_steps=2, mixed_precision="no",
                 num_workers=0, sampling_steps=0)

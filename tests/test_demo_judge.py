@@ -87,7 +87,7 @@ def test_demo_figures(tmp_path):
     labels = np.arange(20) % 10
     images[:, :, :, 0] = labels[:, None, None] * 20
     np.savez(tmp_path / "s.npz", arr_0=images, arr_1=labels)
-    from sampler.npz import read_png
+    from repa.sampler.npz import read_png
     grid = read_png(pl.class_grid(str(tmp_path / "s.npz"), str(tmp_path / "g.png"), per_class=2, scale=1))
     assert grid.shape == (10 * 10 + 2, 2 * 10 + 2, 3)
     for k in range(10):  # row k holds class k's samples

@@ -4,7 +4,7 @@ import os
 
 import torch
 
-from preprocess.demo_teacher import (INFO_FILE, TeacherRecipe, digits_images, ensure_teacher, evaluate_folder,
+from repa.preprocess.demo_teacher import (INFO_FILE, TeacherRecipe, digits_images, ensure_teacher, evaluate_folder,
                                      split_halves)
 
 TINY = TeacherRecipe(embed_dim=32, depth=2, num_heads=2, steps=40, batch_size=64, learning_rate=3e-3)
@@ -42,7 +42,7 @@ def test_teacher_learns_saves_and_loads(tmp_path):
     assert abs(evaluate_folder(path, images[held], labels[held], 32) - info["heldout_accuracy"]) < 1e-9
 
     # and the pipeline's loader (repa-preprocess --enc-type timm:local-dir:PATH) reads it: 2x2 tokens of dim 32
-    from preprocess.teachers import load_teacher
+    from repa.preprocess.teachers import load_teacher
     teacher = load_teacher(f"timm:local-dir:{path}", 32)
     feats = teacher(images[:5])
     assert feats.shape == (5, 4, 32) and torch.isfinite(feats).all()

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from sampler.eval_cli import main as eval_main
-from sampler.inception import (FID_WEIGHTS_NAME, FIDInceptionV3, InceptionWeightsError, load_fid_inception,
+from repa.sampler.eval_cli import main as eval_main
+from repa.sampler.inception import (FID_WEIGHTS_NAME, FIDInceptionV3, InceptionWeightsError, load_fid_inception,
                                tf_resize_bilinear)
-from sampler.metrics import feature_statistics, frechet_distance, inception_score
+from repa.sampler.metrics import feature_statistics, frechet_distance, inception_score
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_inception_loads_from_local_file_and_shapes(weights):
 def test_missing_weights_fail_fast(tmp_path, monkeypatch):
     monkeypatch.setenv("REPA_CACHE", str(tmp_path))
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    monkeypatch.setattr("sampler.inception.FID_WEIGHTS_URL", "http://127.0.0.1:9/" + FID_WEIGHTS_NAME)
+    monkeypatch.setattr("repa.sampler.inception.FID_WEIGHTS_URL", "http://127.0.0.1:9/" + FID_WEIGHTS_NAME)
     with pytest.raises(InceptionWeightsError, match="--inception-weights") as e:
         load_fid_inception(None, timeout=5)
     assert FID_WEIGHTS_NAME in str(e.value)
@@ -64,7 +64,7 @@ def test_missing_weights_fail_fast(tmp_path, monkeypatch):
 
 
 def test_repa_eval_end_to_end(weights, tmp_path, capsys, monkeypatch):
-    from sampler import eval_cli
+    from repa.sampler import eval_cli
     rng = np.random.default_rng(0)
     smp = rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
     ref = np.clip(rng.normal(128, 40, (5, 16, 16, 3)), 0, 255).astype(np.uint8)[:4]

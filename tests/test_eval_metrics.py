@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from sampler.metrics import (feature_statistics, frechet_distance, inception_score, manifold_radii,
+from repa.sampler.metrics import (feature_statistics, frechet_distance, inception_score, manifold_radii,
                              precision_recall)
 
 
@@ -94,7 +94,7 @@ def test_sqrtm_fallbacks_are_taken_and_reported(monkeypatch):
     """Non-finite / complex sqrtm results trigger the eps*I retry, then the exact eigenvalue form."""
     import scipy.linalg
 
-    from sampler import metrics
+    from repa.sampler import metrics
     rng = np.random.default_rng(4)
     d = 6
     a, b = rng.normal(size=(d, d)), rng.normal(size=(d, d))

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from trainer.haste import HasteConfig, attention_alignment_loss, default_haste_config
-from trainer.models import build_model
+from repa.trainer.haste import HasteConfig, attention_alignment_loss, default_haste_config
+from repa.trainer.models import build_model
 
 
 def reference_attn_loss(student_list, teacher_list):

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from trainer.loss import REPALoss, interpolant, projection_loss, sample_time
-from trainer.models import build_model
+from repa.trainer.loss import REPALoss, interpolant, projection_loss, sample_time
+from repa.trainer.models import build_model
 
 
 def direct_interpolant(t, path):

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from trainer.models import (SiT, SiT_models, TimestepEmbedder, build_model, get_2d_sincos_pos_embed,
+from repa.trainer.models import (SiT, SiT_models, TimestepEmbedder, build_model, get_2d_sincos_pos_embed,
                             model_config, resample_tokens)
 
 TINY = dict(input_size=8, num_classes=10, depth=3, hidden_size=64, num_heads=4, encoder_depth=2,

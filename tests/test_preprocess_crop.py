@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from preprocess.crop import adm_center_crop, check_resolution, load_rgb, to_rgb
+from repa.preprocess.crop import adm_center_crop, check_resolution, load_rgb, to_rgb
 
 
 def _reference_crop(img: Image.Image, S: int) -> np.ndarray:

@@ -15,10 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from preprocess.cli import main
-from preprocess.crop import adm_center_crop, load_rgb
-from preprocess.pipeline import Options, run, shard_plan
-from shards import FieldSpec, decode_field, read_manifest
+from repa.preprocess.cli import main
+from repa.preprocess.crop import adm_center_crop, load_rgb
+from repa.preprocess.pipeline import Options, run, shard_plan
+from repa.shards import FieldSpec, decode_field, read_manifest
 
 RES = 32
 REPO = Path(__file__).resolve().parents[1]
@@ -82,8 +82,8 @@ def baseline(assets, tmp_path_factory):
 
 
 def _reference_models(assets):
-    from preprocess.teachers import load_teacher
-    from preprocess.vae import load_vae
+    from repa.preprocess.teachers import load_teacher
+    from repa.preprocess.vae import load_vae
     return load_vae(str(assets / "vae"), "cpu"), load_teacher(f"timm:local-dir:{assets / 'teacher'}", RES, "cpu")
 
 
@@ -211,7 +211,7 @@ def test_two_processes_equal_one(assets, tmp_path):
     run_cli(args + ["--out", str(tmp_path / "one")])
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "preprocess.cli", *args, "--out", str(tmp_path / "two")]
+           "-m", "repa.preprocess.cli", *args, "--out", str(tmp_path / "two")]
     r = subprocess.run(cmd, env=env, cwd=str(REPO), capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     got, man = read_records(tmp_path / "two")
@@ -228,7 +228,7 @@ def test_haste_residual(assets, tmp_path):
     import timm
     from timm.models import save_for_hf
 
-    from preprocess.teachers import load_teacher
+    from repa.preprocess.teachers import load_teacher
     a = dict(embed_dim=32, depth=12, num_heads=2, img_size=28)
     torch.manual_seed(1)
     save_for_hf(timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, **a),

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from preprocess.sources import SourceError, open_source
+from repa.preprocess.sources import SourceError, open_source
 
 
 def test_digits_source():

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sampler import euler_maruyama_sampler
-from sampler.generate import (STREAM_SDE, initial_noise, make_labels, sample_generator)
-from sampler.sample_cli import main as sample_main
+from repa.sampler import euler_maruyama_sampler
+from repa.sampler.generate import (STREAM_SDE, initial_noise, make_labels, sample_generator)
+from repa.sampler.sample_cli import main as sample_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=32, decoder_hidden_size=32, depth=2,
@@ -22,7 +22,7 @@ TINY = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=32, decoder_h
 
 def make_checkpoint(root, step=7):
     """A repa-train style checkpoint folder (docs/CONTRACTS.md) holding a tiny random pixel-space SiT."""
-    from trainer.models import SiT
+    from repa.trainer.models import SiT
     torch.manual_seed(0)
     model = SiT(**TINY)
     for p in model.parameters():
@@ -96,7 +96,7 @@ def test_two_processes_match_one(ckpt, tmp_path):
     _, path = ckpt
     one = sample_main(["--ckpt", path, "--sample-dir", str(tmp_path / "one"), "--per-proc-batch-size", "5", *ARGS])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "sampler.sample_cli", "--ckpt", path, "--sample-dir", str(tmp_path / "two"),
+           "-m", "repa.sampler.sample_cli", "--ckpt", path, "--sample-dir", str(tmp_path / "two"),
            "--per-proc-batch-size", "2", *ARGS]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

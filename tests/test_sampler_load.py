@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-from sampler import load as load_mod
-from sampler.load import CheckpointError, load_sampling_model
+from repa.sampler import load as load_mod
+from repa.sampler.load import CheckpointError, load_sampling_model
 
 KW = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=3, num_heads=4, encoder_depth=2,
           num_classes=10, z_dims=[16, 8], projector_dim=32)
@@ -14,7 +14,7 @@ KW = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=3, nu
 
 @pytest.fixture(scope="module")
 def model():
-    from trainer.models import SiT
+    from repa.trainer.models import SiT
     torch.manual_seed(0)
     m = SiT(**KW)
     for p in m.parameters():

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from sampler import euler_maruyama_sampler, euler_sampler
-from sampler.solvers import get_score_from_velocity, resolve_null_class
+from repa.sampler import euler_maruyama_sampler, euler_sampler
+from repa.sampler.solvers import get_score_from_velocity, resolve_null_class
 
 
 class TinyModel(nn.Module):
@@ -171,8 +171,8 @@ def test_sde_per_sample_generators_independent_of_batch(setup):
 
 
 def test_tiny_sit_ode(setup):
-    """The solver drives a real (tiny, random) SiT from trainer.models identically to the formulas."""
-    from trainer.models import SiT
+    """The solver drives a real (tiny, random) SiT from repa.trainer.models identically to the formulas."""
+    from repa.trainer.models import SiT
     torch.manual_seed(0)
     sit = SiT(input_size=4, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=2,
               encoder_depth=1, num_classes=10, z_dims=[8], projector_dim=16, fused_attn=False).eval()
@@ -189,8 +189,8 @@ def test_cfg_without_null_class_is_a_clear_error():
     """A SiT trained with --cfg-prob 0 has no null row: CFG must say so instead of an index error."""
     import pytest
     import torch
-    from sampler import euler_sampler
-    from trainer.models import SiT
+    from repa.sampler import euler_sampler
+    from repa.trainer.models import SiT
     m = SiT(input_size=4, patch_size=2, in_channels=3, hidden_size=32, depth=1, num_heads=2, num_classes=5,
             class_dropout_prob=0.0, z_dims=[], encoder_depth=1).eval()
     x, y = torch.randn(2, 3, 4, 4), torch.tensor([0, 4])

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from shards import FieldSpec, decode_batch, decode_field, encode_field, feature_spec
-from shards.tario import RecordCodec, parse_header, ustar_header
+from repa.shards import FieldSpec, decode_batch, decode_field, encode_field, feature_spec
+from repa.shards.tario import RecordCodec, parse_header, ustar_header
 
 
 def heavy_tailed_features(n, t=256, d=768, outlier_gain=40.0, seed=0):

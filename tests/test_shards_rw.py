@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from shards import (FieldSpec, ManifestError, ShardSetWriter, ShardStream, ShardWriter, completed_shards,
+from repa.shards import (FieldSpec, ManifestError, ShardSetWriter, ShardStream, ShardWriter, completed_shards,
                     feature_spec, finalize_manifest, read_manifest)
 
 FIELDS = {
@@ -44,7 +44,7 @@ def write_set(out, n, records_per_shard, fields=FIELDS, **kw):
 
 def expected_batch(keys, fields=FIELDS):
     """What the reader must return for these keys: the codec's own round trip of sample_for(key)."""
-    from shards import decode_field, encode_field
+    from repa.shards import decode_field, encode_field
     return {f: torch.stack([decode_field(bytearray(encode_field(sample_for(int(k), fields)[f], spec)), spec)
                             for k in keys]) for f, spec in fields.items()}
 

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from shards import ShardStream, completed_shards, make_loader, read_manifest
-from shards import storage
+from repa.shards import ShardStream, completed_shards, make_loader, read_manifest
+from repa.shards import storage
 from test_shards_rw import write_set
 
 
@@ -30,7 +30,7 @@ def test_s3_round_trip_equals_local(s3_bucket, tmp_path):
 
 
 def test_s3_missing_manifest_and_retry_names_url(s3_bucket):
-    from shards import ManifestError
+    from repa.shards import ManifestError
     with pytest.raises(ManifestError, match=f"{s3_bucket}/nothing/manifest.json: not found"):
         read_manifest(f"{s3_bucket}/nothing")
     calls = []

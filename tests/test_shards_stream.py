@@ -4,8 +4,8 @@ import os
 import pytest
 import torch
 
-from shards import ShardError, ShardStream, make_loader
-from shards.reader import _delivered, slot_range
+from repa.shards import ShardError, ShardStream, make_loader
+from repa.shards.reader import _delivered, slot_range
 from test_shards_rw import FIELDS, expected_batch, write_set
 
 N, RPS = 103, 15  # 7 shards (6 x 15 + 13): N divisible neither by the shard count nor by 2 ranks x 2 workers

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from preprocess.hub import ModelDownloadError
-from preprocess.teachers import IMAGENET_MEAN, IMAGENET_STD, load_teacher, load_teachers
+from repa.preprocess.hub import ModelDownloadError
+from repa.preprocess.teachers import IMAGENET_MEAN, IMAGENET_STD, load_teacher, load_teachers
 
 NATIVE = 98          # 7x7 patches of 14 px: the teacher is stored at a grid that must be resampled
 R = 64               # dataset resolution -> input 14 * 64/16 = 56, grid 4x4
@@ -155,7 +155,7 @@ def test_features_and_haste_equal_hand_forward(which, request):
 
 def test_clip_recipe_resize_first_and_prenorm(tiny):
     """CLIP order (resize, then CLIP normalize) and pre-final-norm tokens, on the same tiny ViT."""
-    from preprocess.teachers import CLIP_MEAN, CLIP_STD, Teacher, _Recipe
+    from repa.preprocess.teachers import CLIP_MEAN, CLIP_STD, Teacher, _Recipe
     import timm
     d, _ = tiny
     model = timm.create_model(f"local-dir:{d}", pretrained=True, num_classes=0)

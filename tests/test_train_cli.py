@@ -9,9 +9,9 @@ import time
 from click.testing import CliRunner
 
 from _train_shards import TINY_MODEL, one_thread, write_shards  # noqa: F401 (autouse fixture)
-from trainer.checkpoint import list_checkpoints
-from trainer.cli import main
-from trainer.metrics import read_jsonl
+from repa.trainer.checkpoint import list_checkpoints
+from repa.trainer.cli import main
+from repa.trainer.metrics import read_jsonl
 
 
 def _args(shards, out, *extra):

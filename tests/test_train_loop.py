@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from _train_shards import tiny_train_config, TINY_MODEL, one_thread, write_shards  # noqa: F401 (autouse fixture)
-from trainer import train as train_mod
-from trainer.checkpoint import list_checkpoints, load_checkpoint
-from trainer.metrics import read_jsonl
-from trainer.models import SiT
-from trainer.train import NonFiniteLossError, TrainConfig, resolve_shards, train
+from repa.trainer import train as train_mod
+from repa.trainer.checkpoint import list_checkpoints, load_checkpoint
+from repa.trainer.metrics import read_jsonl
+from repa.trainer.models import SiT
+from repa.trainer.train import NonFiniteLossError, TrainConfig, resolve_shards, train
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_non_finite_loss_stops_with_step_and_checkpoint(shards, tmp_path):
     good = train(cfg(shards, tmp_path, "nan", max_train_steps=2))
     nan_shards = write_shards(str(tmp_path / "nan_shards"), n=48, extra_data=None, seed=1)
     # poison every record's moments after writing: same layout, NaN latents
-    from shards import FieldSpec, ShardSetWriter, finalize_manifest, read_manifest
+    from repa.shards import FieldSpec, ShardSetWriter, finalize_manifest, read_manifest
     bad = str(tmp_path / "bad_shards")
     m = read_manifest(nan_shards)
     with ShardSetWriter(bad, m.fields, records_per_shard=16) as w:
@@ -139,7 +139,7 @@ def haste_shards(tmp_path_factory):
     shards with its residual entering block 2; attention aligned on teacher blocks 2, 3."""
     import timm
     from timm.models import save_for_hf
-    from shards import FieldSpec
+    from repa.shards import FieldSpec
     d = tmp_path_factory.mktemp("teacher")
     torch.manual_seed(0)
     args = dict(img_size=56, depth=4, embed_dim=64, num_heads=2)
@@ -178,10 +178,10 @@ def test_haste_switch_and_resume(haste_shards, tmp_path, monkeypatch):
 
 
 def test_grad_checkpointing_gives_the_same_weights(shards, tmp_path, monkeypatch):
-    import trainer.models
+    from repa.trainer import models as trainer_models
     calls = []
-    real = trainer.models.checkpoint
-    monkeypatch.setattr(trainer.models, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = trainer_models.checkpoint
+    monkeypatch.setattr(trainer_models, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
     plain = train(cfg(shards, tmp_path, "plain", max_train_steps=2))
     assert not calls
     ckpt_run = train(cfg(shards, tmp_path, "gc", max_train_steps=2, grad_checkpointing=True))

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from _train_shards import one_thread  # noqa: F401 (autouse fixture)
-from trainer import checkpoint as ckpt
-from trainer.ema import make_ema, update_ema
-from trainer.metrics import PreviewDecoder, to_grid
-from trainer.models import SiT
+from repa.trainer import checkpoint as ckpt
+from repa.trainer.ema import make_ema, update_ema
+from repa.trainer.metrics import PreviewDecoder, to_grid
+from repa.trainer.models import SiT
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, encoder_depth=1,
             z_dims=[16], projector_dim=32, num_classes=10)
@@ -67,11 +67,11 @@ def test_ema_matches_reference_formula_including_pos_embed():
 
 
 def test_preview_decoder_without_vae_warns_and_keeps_going(monkeypatch):
-    import preprocess.vae
+    from repa.preprocess import vae as vae_mod
 
     def offline(spec, device):
         raise OSError(f"{spec}: not in the local cache and HF_HUB_OFFLINE=1")
-    monkeypatch.setattr(preprocess.vae, "load_vae", offline)
+    monkeypatch.setattr(vae_mod, "load_vae", offline)
     prov = {"vae": {"id": "stabilityai/sd-vae-ft-ema", "latent_channels": 4, "scale": [0.5] * 4, "bias": [0.0] * 4}}
     dec = PreviewDecoder(prov, "cpu")
     with warnings.catch_warnings(record=True) as w:
@@ -87,8 +87,8 @@ def test_preview_decoder_without_vae_warns_and_keeps_going(monkeypatch):
 
 
 def test_sampler_loads_a_repa_train_checkpoint(tmp_path):
-    pytest.importorskip("sampler.load")
-    from sampler.load import load_sampling_model
+    pytest.importorskip("repa.sampler.load")
+    from repa.sampler.load import load_sampling_model
     torch.manual_seed(0)
     model = SiT(**TINY)
     path = _save(str(tmp_path), 7, model)

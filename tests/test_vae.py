@@ -5,8 +5,8 @@ import time
 import pytest
 import torch
 
-from preprocess.hub import ModelDownloadError
-from preprocess.vae import load_vae
+from repa.preprocess.hub import ModelDownloadError
+from repa.preprocess.vae import load_vae
 
 
 def _tiny_vae(**cfg):

@@ -1,9 +1,9 @@
 """``repa-train``: the command line of trainer/train.py (reference flag names, REFERENCE.md 9.1).
 
 Single process:   repa-train --shards shards/ --model SiT-B/2 --encoder-depth 4 --exp-name b2
-Multi-GPU:        accelerate launch --multi_gpu --num_processes 8 -m trainer.cli --shards ... (or the
+Multi-GPU:        accelerate launch --multi_gpu --num_processes 8 -m repa.trainer.cli --shards ... (or the
                   console script: accelerate launch --num_processes 8 $(which repa-train) ...)
-On CPU, for tests: torchrun --standalone --nproc_per_node 2 -m trainer.cli ...
+On CPU, for tests: torchrun --standalone --nproc_per_node 2 -m repa.trainer.cli ...
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from trainer.train import NonFiniteLossError, TrainConfig, train
+from repa.trainer.train import NonFiniteLossError, TrainConfig, train
 
 D = TrainConfig()  # defaults live in one place
 

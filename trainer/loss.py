@@ -16,7 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from trainer.models import resample_tokens
+from repa.trainer.models import resample_tokens
 
 __all__ = ["PATH_TYPES", "WEIGHTINGS", "interpolant", "sample_time", "projection_loss", "REPALoss", "SILoss"]
 

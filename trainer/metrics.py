@@ -64,10 +64,10 @@ def euler_preview(model, noise: torch.Tensor, labels: torch.Tensor, num_steps: i
     Uses ``sampler.euler_sampler`` when the sampler package provides it, otherwise this tiny loop.
     """
     try:
-        from sampler import euler_sampler  # type: ignore[attr-defined]
+        from repa.sampler import euler_sampler  # type: ignore[attr-defined]
     except ImportError:
         try:
-            from sampler.samplers import euler_sampler  # type: ignore[no-redef]
+            from repa.sampler.samplers import euler_sampler  # type: ignore[no-redef]
         except ImportError:
             euler_sampler = None
     if euler_sampler is not None:
@@ -128,7 +128,7 @@ class PreviewDecoder:
     def _load(self):
         if self._vae is None and not self._failed:
             try:
-                from preprocess.vae import load_vae
+                from repa.preprocess.vae import load_vae
                 self._vae = load_vae(self.vae_id, self.device)
             except Exception as e:  # noqa: BLE001 - a preview must never kill a training run
                 warnings.warn(f"preview grids: cannot load VAE {self.vae_id!r} ({type(e).__name__}: {e}); "

@@ -27,12 +27,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from trainer import checkpoint as ckpt
-from trainer.ema import make_ema, update_ema
-from trainer.haste import HasteConfig, attention_alignment_loss, default_haste_config
-from trainer.loss import REPALoss
-from trainer.metrics import JsonlWriter, PreviewDecoder, check_report_to, euler_preview, save_png, to_grid
-from trainer.models import SiT, model_config
+from repa.trainer import checkpoint as ckpt
+from repa.trainer.ema import make_ema, update_ema
+from repa.trainer.haste import HasteConfig, attention_alignment_loss, default_haste_config
+from repa.trainer.loss import REPALoss
+from repa.trainer.metrics import JsonlWriter, PreviewDecoder, check_report_to, euler_preview, save_png, to_grid
+from repa.trainer.models import SiT, model_config
 
 
 @dataclass
@@ -241,7 +241,7 @@ class _StopFlag:
 
 def build_loader(cfg: TrainConfig, shards_url: str, fields, rank: int, world: int, micro_batch: int):
     """Each rank streams its own slice of the shard set, forever."""
-    from shards import ShardStream, make_loader
+    from repa.shards import ShardStream, make_loader
     stream = ShardStream(shards_url, micro_batch, fields=fields, shuffle=True, seed=cfg.seed, infinite=True,
                          shuffle_window=cfg.shuffle_window, rank=rank, world_size=world, drop_last=True,
                          storage_options=cfg.storage_options or None)
@@ -272,7 +272,7 @@ def make_accelerator(cfg: TrainConfig, log_with: str | None, find_unused: bool, 
 
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) a training run; returns {"step", "checkpoint", "exp_dir"}."""
-    from shards import read_manifest
+    from repa.shards import read_manifest
     from accelerate.utils import set_seed
 
     # ---- shards, dimensions, flags: everything that can be wrong fails here, before step 1
@@ -503,7 +503,7 @@ def _resume_path(resume: str | None, root: str) -> str | None:
 
 def _setup_haste(cfg: TrainConfig, prov: dict, model_kwargs: dict, accelerator) -> HasteOnline:
     """Teacher for the online part of HASTE phase I and the layer/head mapping (trainer/haste.py)."""
-    from preprocess.teachers import load_teacher
+    from repa.preprocess.teachers import load_teacher
     info = prov["haste"]
     ti = int(info.get("teacher", 0))
     meta = prov["teachers"][ti]

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from faults.corpus import EXPECTED, write_corpus
-from preprocess.cli import main
-from preprocess.crop import adm_center_crop
-from shards import ShardStream
+from repa.preprocess.cli import main
+from repa.preprocess.crop import adm_center_crop
+from repa.shards import ShardStream
 
 RES = 16
 

@@ -8,15 +8,15 @@ import pytest
 
 from _train_shards import write_shards
 from faults.test_kill import train_cfg
-from trainer.checkpoint import list_checkpoints
-from trainer.train import NonFiniteLossError, train
+from repa.trainer.checkpoint import list_checkpoints
+from repa.trainer.train import NonFiniteLossError, train
 
 
 def test_inf_in_shard_stops_naming_field_and_key(tmp_path, faults):
     bad_key = 13
     shards = write_shards(str(tmp_path / "s"), n=32, seed=2)
     # rewrite the set with an inf teacher feature in one record (same layout, written by the real writer)
-    from shards import ShardSetWriter, ShardStream, finalize_manifest, read_manifest
+    from repa.shards import ShardSetWriter, ShardStream, finalize_manifest, read_manifest
     m = read_manifest(shards)
     recs = {int(k): {f: v[i] for f, v in b.items() if f != "key"}
             for b in ShardStream(shards, 32, shuffle=False) for i, k in enumerate(b["key"])}

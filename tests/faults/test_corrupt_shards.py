@@ -9,8 +9,8 @@ import shutil
 
 import pytest
 
-from shards import ManifestError, ShardError, ShardStream
-from shards.tario import ustar_header
+from repa.shards import ManifestError, ShardError, ShardStream
+from repa.shards.tario import ustar_header
 from test_shards_rw import write_set
 
 N = 24  # 4 shards of 6

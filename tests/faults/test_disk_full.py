@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from faults.test_kill import train_cfg
-from shards import ShardSetWriter, completed_shards
+from repa.shards import ShardSetWriter, completed_shards
 from test_shards_rw import FIELDS, sample_for
 
 
@@ -20,8 +20,8 @@ def enospc(*a, **k):
 
 def test_checkpoint_disk_full_keeps_previous(tmp_path, monkeypatch, faults):
     from _train_shards import write_shards
-    from trainer import checkpoint as ck
-    from trainer.train import train
+    from repa.trainer import checkpoint as ck
+    from repa.trainer.train import train
     shards = write_shards(str(tmp_path / "s"), n=16)
     cfg = train_cfg(shards, tmp_path, "run", max_train_steps=2, checkpointing_steps=1)
     train(cfg)  # checkpoints 1, 2
@@ -50,7 +50,7 @@ def test_checkpoint_disk_full_keeps_previous(tmp_path, monkeypatch, faults):
 
 
 def test_shard_disk_full_keeps_previous(tmp_path, monkeypatch, faults):
-    import shards.writer as sw
+    import repa.shards.writer as sw
     out = tmp_path / "set"
     real_open = open
 

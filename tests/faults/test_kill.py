@@ -2,7 +2,7 @@
 
 The killed runs are forks of the test process running the console scripts' entry points (the same code as
 ``repa-preprocess`` / ``repa-train`` / ``repa-sample``; a fork saves the 3-5 s interpreter + torch start);
-the SIGTERM test starts a real ``python -m trainer.cli`` process. Kill points are chosen, not random, so the
+the SIGTERM test starts a real ``python -m repa.trainer.cli`` process. Kill points are chosen, not random, so the
 suite is deterministic: in the middle of a record of a shard, between a shard's rename and its sidecar, in the
 middle of a checkpoint's train_state.pt, in the middle of a PNG, just before the .npz rename.
 """
@@ -69,7 +69,7 @@ def preprocess_args(image_dir, out):
 
 
 def run_preprocess(args):
-    from preprocess.cli import main
+    from repa.preprocess.cli import main
     return main.main(args, standalone_mode=False)
 
 
@@ -82,13 +82,13 @@ def test_preprocess_sigkill_mid_shard_and_before_sidecar(image_dir, tmp_path, on
     args = preprocess_args(image_dir, out)
 
     def kill_mid_record():  # 6th record = the 2nd of shard 1: leave half a record in its temp file, then die
-        from shards.writer import ShardWriter
+        from repa.shards.writer import ShardWriter
         kill_on_call(ShardWriter, "write", 6, before=lambda self, *a, **k: (self._f.write(b"\1" * 700),
                                                                              self._f.flush()))
         run_preprocess(args)
 
     def kill_before_sidecar():  # shard 2's tar is renamed to its final name, its sidecar is not written yet
-        from shards import storage
+        from repa.shards import storage
         kill_on_call(storage, "write_bytes", 1, when=lambda url, *a, **k: url.endswith("shard-000002.tar.json"))
         run_preprocess(args)
 
@@ -128,8 +128,8 @@ def assert_same_weights(a, b):
 
 
 def test_train_sigkill_during_checkpoint_write(train_shards, tmp_path, one_thread, faults):
-    from trainer.checkpoint import latest_checkpoint, load_checkpoint
-    from trainer.train import train
+    from repa.trainer.checkpoint import latest_checkpoint, load_checkpoint
+    from repa.trainer.train import train
     ref = train(train_cfg(train_shards, tmp_path, "ref"))
     cfg = train_cfg(train_shards, tmp_path, "run")
     root = tmp_path / "run" / "checkpoints"
@@ -163,10 +163,10 @@ def test_train_sigkill_during_checkpoint_write(train_shards, tmp_path, one_threa
 
 def test_train_sigterm_checkpoints_and_exits(train_shards, tmp_path, one_thread, faults):
     from _train_shards import TINY_MODEL
-    from trainer.checkpoint import list_checkpoints
-    from trainer.train import train
+    from repa.trainer.checkpoint import list_checkpoints
+    from repa.trainer.train import train
     out = tmp_path / "o"
-    cmd = [sys.executable, "-m", "trainer.cli", "--shards", train_shards, "--output-dir", str(out), "--exp-name", "t",
+    cmd = [sys.executable, "-m", "repa.trainer.cli", "--shards", train_shards, "--output-dir", str(out), "--exp-name", "t",
            "--model", "SiT-S/2", "--model-kwargs", json.dumps(TINY_MODEL), "--encoder-depth", "1", "--batch-size", "8",
            "--max-train-steps", "100000", "--checkpointing-steps", "100000", "--mixed-precision", "no",
            "--num-workers", "0", "--sampling-steps", "0", "--resume", "auto"]
@@ -206,7 +206,7 @@ def test_train_sigterm_checkpoints_and_exits(train_shards, tmp_path, one_thread,
 
 def test_sample_sigkill_mid_png_and_before_npz(tmp_path, one_thread, faults):
     from test_sampler_generate import make_checkpoint
-    from sampler.sample_cli import main as sample_main
+    from repa.sampler.sample_cli import main as sample_main
     _, ckpt = make_checkpoint(str(tmp_path / "ck"))
     args = ["--ckpt", ckpt, "--num-fid-samples", "6", "--num-steps", "2", "--per-proc-batch-size", "2",
             "--global-seed", "1", "--no-progress"]
@@ -235,7 +235,7 @@ def test_sample_sigkill_mid_png_and_before_npz(tmp_path, one_thread, faults):
     npz = sample_main(run)
     assert os.path.basename(npz) == os.path.basename(ref)
     assert Path(npz).read_bytes() == Path(ref).read_bytes()  # the same samples, to the byte
-    from sampler.npz import is_temp_name
+    from repa.sampler.npz import is_temp_name
     leftovers = [n for n in os.listdir(folder) if is_temp_name(n)]
     faults.record(faults=2, kind="SIGKILL", runs=2)
     assert leftovers == []  # the rerun removed the killed runs' temp files

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from faults.flaky_proxy import FaultSchedule, FlakyProxy
-from shards import ShardStream, StorageError, storage
+from repa.shards import ShardStream, StorageError, storage
 from test_shards_rw import write_set
 
 PATTERN = ["ok"] * 3 + ["503"] + ["ok"] * 3 + ["drop"] + ["ok"] * 3 + ["500"] + ["ok"] * 3 + ["truncate"] + \

@@ -1,4 +1,4 @@
-"""Untrusted files: no code path unpickles data from shards or checkpoints, and a malicious pickle given as
+"""Untrusted files: no code path unpickles data from repa.shards or checkpoints, and a malicious pickle given as
 ``repa-sample --ckpt`` or inside a ``repa-train --resume`` checkpoint is refused without running its payload."""
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def malicious_pt(path: Path, marker: Path, wrap=None) -> Path:
 
 
 def test_malicious_ckpt_refused_by_repa_sample(tmp_path, faults):
-    from sampler.sample_cli import main
+    from repa.sampler.sample_cli import main
     marker = tmp_path / "PWNED"
     pt = malicious_pt(tmp_path / "evil.pt", marker)
     with pytest.raises(SystemExit) as e:
@@ -76,7 +76,7 @@ def test_malicious_ckpt_refused_by_repa_sample(tmp_path, faults):
 def test_malicious_train_state_refused_by_repa_train(tmp_path, faults):
     from _train_shards import write_shards
     from faults.test_kill import train_cfg
-    from trainer.train import train
+    from repa.trainer.train import train
     shards = write_shards(str(tmp_path / "s"), n=16)
     good = train(train_cfg(shards, tmp_path, "good", max_train_steps=1))["checkpoint"]
     evil = tmp_path / "evil" / "0000001"
