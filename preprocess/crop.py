@@ -1,6 +1,6 @@
 """Image normalisation for repa-preprocess: EXIF transpose, RGB conversion and the ADM center crop.
 
-The crop is the reference `center-crop-dhariwal` transform (REFERENCE.md 5.1, identical to guided-diffusion's
+The crop is the reference `center-crop-dhariwal` transform (docs/reference.md §5.1, identical to guided-diffusion's
 `center_crop_arr` and EDM's dataset_tool):
 
 1. while min(W, H) >= 2*S: resize to (W//2, H//2) with BOX resampling;

@@ -263,7 +263,7 @@ class Models:
             if not self.teachers or not hasattr(self.teachers[0], "residual_before"):
                 raise PreprocessError("--haste needs a first teacher with residual_before() (a dinov2 "
                                       "teacher, e.g. --enc-type dinov2-vit-b)")
-            # HASTE aligns the teacher's last four blocks (DINOv2-B: blocks 8-11, REFERENCE 7.3); the cache
+            # HASTE aligns the teacher's last four blocks (DINOv2-B: blocks 8-11, docs/reference.md §7.3); the cache
             # holds the residual stream entering the first of them.
             self.haste_block = max(0, self.teachers[0].depth - 4)
         if opts.compile:  # the teachers compile their own forward (load option)

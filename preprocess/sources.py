@@ -4,7 +4,7 @@ Every source maps a *global index* (the record key in the shards) to one image a
 
 - indexable sources (`ImageFolderSource`, `HFSource` in map mode, `DigitsSource`) have `len()` and
   `get(key)`; folder listings are sorted by full path and labels are the index of the top-level directory
-  name in the sorted set of names (REFERENCE.md 5.1), so the index is stable across runs and machines;
+  name in the sorted set of names (docs/reference.md §5.1), so the index is stable across runs and machines;
 - streaming sources (`HFSource` with streaming=True, e.g. ImageNet from the HF hub without `--data-dir`)
   only have `stream(start)`; the global index is the position in the stream and resuming uses `.skip()`.
 

@@ -6,7 +6,7 @@ One class, :class:`Teacher`, wraps every supported encoder behind the same inter
     feats = teacher(images_uint8)          # (B, 3, R, R) uint8 -> (B, T, D) float32
     teacher.provenance                     # recorded in the shard manifest
 
-Supported ``enc_type`` strings (REFERENCE.md section 4):
+Supported ``enc_type`` strings (docs/reference.md section 4):
 
 * ``dinov2-vit-{s,b,l,g}`` and the register variants (``dinov2-vit-b-reg`` or the reference's
   ``dinov2reg-vit-b``): timm weights (``timm/vit_base_patch14_dinov2.lvd142m`` ...), else torch.hub
@@ -32,7 +32,7 @@ Precision: the teacher runs in the dtype it was loaded in (fp32); the caller wra
 ``torch.autocast`` for bf16/fp16 (the reference runs teachers under fp16 autocast). Outputs are always
 returned as float32. ``channels_last`` (default: on for CUDA) and ``compile`` are load options.
 
-HASTE (REFERENCE.md section 7): :meth:`Teacher.residual_before` returns the residual stream entering a
+HASTE (docs/reference.md section 7): :meth:`Teacher.residual_before` returns the residual stream entering a
 block, :meth:`Teacher.forward_from` runs the remaining blocks and returns the final features plus the
 pre-softmax attention logits ``(q * hd**-0.5) @ k^T`` of the requested blocks, prefix rows/columns removed.
 """
@@ -75,7 +75,7 @@ def teacher_input_size(patch_size: int, resolution: int) -> int:
 
 @dataclass(frozen=True)
 class _Recipe:
-    """How an encoder's input is prepared and its output read (REFERENCE.md section 4 table)."""
+    """How an encoder's input is prepared and its output read (docs/reference.md section 4 table)."""
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     norm_name: str = "imagenet"

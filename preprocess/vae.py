@@ -8,7 +8,7 @@
 * a local diffusers directory (``AutoencoderKL.save_pretrained`` output, or a pipeline folder with ``vae/``),
 * ``none``: pixel space, the "latent" is the image itself.
 
-Moments follow REFERENCE.md 5.2/5.3: ``cat([posterior.mean, posterior.std], dim=1)`` in float32, where
+Moments follow docs/reference.md §5.2/5.3: ``cat([posterior.mean, posterior.std], dim=1)`` in float32, where
 diffusers' ``DiagonalGaussianDistribution`` clamps logvar to [-30, 20] and std = exp(0.5 * logvar). For
 ``none`` the moments are ``cat([x, zeros])``.
 

@@ -40,8 +40,8 @@ __all__ = ["load_sampling_model", "safe_torch_load", "infer_sit_kwargs", "Checkp
 # The URL REPA's utils.download_model fetches for the released SiT-XL/2 (4M iterations) checkpoint.
 OFFICIAL_URL = ("https://www.dl.dropboxusercontent.com/scl/fi/cxedbs4da5ugjq5wg3zrg/last.pt"
                 "?rlkey=8otgrdkno0nd89po3dpwngwcc&st=apcc645o&dl=0")
-OFFICIAL_KWARGS = dict(input_size=32, z_dims=[768], encoder_depth=8, qk_norm=False)  # REFERENCE 1.2
-_HEADS_BY_WIDTH = {384: 6, 768: 12, 1024: 16, 1152: 16}  # REFERENCE 1.1
+OFFICIAL_KWARGS = dict(input_size=32, z_dims=[768], encoder_depth=8, qk_norm=False)  # docs/reference.md §1.2
+_HEADS_BY_WIDTH = {384: 6, 768: 12, 1024: 16, 1152: 16}  # docs/reference.md §1.1
 
 
 class CheckpointError(ValueError):
@@ -121,7 +121,7 @@ def infer_sit_kwargs(sd: dict, *, model_name: str | None = None, encoder_depth: 
         n_cls = sd["y_embedder.embedding_table.weight"].shape[0] - 1
     except KeyError as e:
         raise CheckpointError(f"{where}: not a SiT state dict (missing {e}); expected the official key layout "
-                              f"(REFERENCE 1.2)") from None
+                              f"(docs/reference.md §1.2)") from None
     depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
     grid = int(round(tokens ** 0.5))
     z_dims, k = [], 0

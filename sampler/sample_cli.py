@@ -1,6 +1,6 @@
 """``repa-sample``: checkpoint -> PNGs -> ADM ``.npz`` (+ JSON of the full configuration, + a grid PNG).
 
-Flags follow the reference ``generate.py`` (REFERENCE 9.2). Run it on one process, or on many with
+Flags follow the reference ``generate.py`` (docs/reference.md §9.2). Run it on one process, or on many with
 ``torchrun --nproc_per_node N -m repa.sampler.sample_cli ...`` / ``accelerate launch -m repa.sampler.sample_cli ...``
 (on CPU use ``torchrun``: ``accelerate launch --cpu`` starts a single process). Every sample's noise and label
 derive from its global index (see ``sampler/generate.py``), so the output does not depend on the number of
@@ -20,7 +20,7 @@ from .generate import (DistInfo, LatentDecoder, SamplingSpec, barrier, finalize_
                        init_distributed, make_labels, prepare_folder, spec_identity)
 from .load import CheckpointError, load_sampling_model
 
-REFERENCE_VAE_SCALE = 0.18215  # SD-VAE, REFERENCE 3.2
+REFERENCE_VAE_SCALE = 0.18215  # SD-VAE, docs/reference.md §3.2
 
 
 def build_parser() -> argparse.ArgumentParser:

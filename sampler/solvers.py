@@ -1,4 +1,4 @@
-"""Reference-exact ODE / SDE samplers for SiT flow models (REFERENCE.md 6.1-6.3).
+"""Reference-exact ODE / SDE samplers for SiT flow models (docs/reference.md §6.1-6.3).
 
 These follow REPA's ``samplers.py`` step for step, so scripts written for the reference port unchanged and,
 for the same model, initial noise and RNG state, produce the same outputs:
@@ -56,7 +56,7 @@ def _expand_t_like_x(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def get_score_from_velocity(vt: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, path_type: str = "linear"):
-    """Score s = ((alpha/alpha') v - x) / var with var = sigma^2 - (alpha/alpha') sigma' sigma (REFERENCE 6.3).
+    """Score s = ((alpha/alpha') v - x) / var with var = sigma^2 - (alpha/alpha') sigma' sigma (docs/reference.md §6.3).
 
     For the linear path this is ((t - 1) v - x) / t. Operation order follows the reference.
     """
@@ -118,7 +118,7 @@ class _Guided:
 def euler_sampler(model, latents: torch.Tensor, y: torch.Tensor, num_steps: int = 20, heun: bool = False,
                   cfg_scale: float = 1.0, guidance_low: float = 0.0, guidance_high: float = 1.0,
                   path_type: str = "linear", *, null_class: int | None = None) -> torch.Tensor:
-    """Euler (optionally Heun) ODE sampler, REFERENCE 6.2. Returns the float64 sample at t = 0.
+    """Euler (optionally Heun) ODE sampler, docs/reference.md §6.2. Returns the float64 sample at t = 0.
 
     Grid t = linspace(1, 0, num_steps + 1). Heun corrects every step but the last (NFE = 2N - 1) and reuses the
     CFG on/off decision of t_cur for its second evaluation at t_next. ``path_type`` is accepted and ignored, as in
@@ -157,7 +157,7 @@ def euler_maruyama_sampler(model, latents: torch.Tensor, y: torch.Tensor, num_st
                            guidance_high: float = 1.0, path_type: str = "linear", *,
                            null_class: int | None = None,
                            noise_generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
-    """Euler-Maruyama SDE sampler, REFERENCE 6.3. Returns the float64 mean at t = 0.
+    """Euler-Maruyama SDE sampler, docs/reference.md §6.3. Returns the float64 mean at t = 0.
 
     Grid linspace(1, 0.04, num_steps) + [0]. For the first num_steps - 1 intervals: w = 2 t_cur, noise drawn
     before the model call, drift d = v - w/2 * score(v) (CFG applied to d), x += d dt + sqrt(w) sqrt(|dt|) eps.

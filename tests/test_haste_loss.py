@@ -1,4 +1,4 @@
-"""HASTE attention alignment (REFERENCE.md 7.3) against a direct implementation of the reference formula."""
+"""HASTE attention alignment (docs/reference.md §7.3) against a direct implementation of the reference formula."""
 import pytest
 import torch
 
@@ -7,7 +7,7 @@ from repa.trainer.models import build_model
 
 
 def reference_attn_loss(student_list, teacher_list):
-    """REFERENCE 7.3 verbatim: blocks 4+j vs 8+j, first 12 heads, rows flattened, log(softmax)."""
+    """docs/reference.md §7.3 verbatim: blocks 4+j vs 8+j, first 12 heads, rows flattened, log(softmax)."""
     total = 0.0
     for j in range(4):
         s = student_list[4 + j][:, :12].reshape(-1, student_list[4 + j].shape[-1])

@@ -1,4 +1,4 @@
-"""The REPA objective against direct implementations of REFERENCE.md section 2."""
+"""The REPA objective against direct implementations of docs/reference.md section 2."""
 import math
 
 import pytest
@@ -9,7 +9,7 @@ from repa.trainer.models import build_model
 
 
 def direct_interpolant(t, path):
-    """REFERENCE 2.1, element by element in float64."""
+    """docs/reference.md §2.1, element by element in float64."""
     out = []
     for tv in t.flatten().tolist():
         if path == "linear":
@@ -21,7 +21,7 @@ def direct_interpolant(t, path):
 
 
 def direct_projection_loss(zs, zs_tilde):
-    """REFERENCE 2.4 with explicit loops over encoders, samples and tokens."""
+    """docs/reference.md §2.4 with explicit loops over encoders, samples and tokens."""
     total = 0.0
     for z, zt in zip(zs, zs_tilde):
         for b in range(z.shape[0]):

@@ -1,4 +1,4 @@
-"""SiT parity with REFERENCE.md section 1: embeddings, parameter counts, state-dict layout, forward semantics."""
+"""SiT parity with docs/reference.md section 1: embeddings, parameter counts, state-dict layout, forward semantics."""
 import math
 
 import pytest
@@ -26,7 +26,7 @@ def randomize_(model, seed=0, std=0.05):
 
 
 def expected_state_dict_shapes(depth, D, p, z_dims, C=4, T=256, num_classes=1000, proj=2048, mlp=4):
-    """REFERENCE 1.2, written out independently of trainer/models.py."""
+    """docs/reference.md §1.2, written out independently of trainer/models.py."""
     shapes = {
         "pos_embed": (1, T, D),
         "x_embedder.proj.weight": (D, C, p, p), "x_embedder.proj.bias": (D,),
@@ -52,7 +52,7 @@ def expected_state_dict_shapes(depth, D, p, z_dims, C=4, T=256, num_classes=1000
     return shapes
 
 
-# ---------------------------------------------------------------- embeddings (REFERENCE 1.4, 1.5)
+# ---------------------------------------------------------------- embeddings (docs/reference.md §1.4, 1.5)
 
 def test_pos_embed_test_vector():
     pe = get_2d_sincos_pos_embed(8, 4)
@@ -79,7 +79,7 @@ def test_timestep_embedding_test_vector():
                                torch.cat([a.cos(), a.sin()], 1), rtol=0, atol=1e-6)
 
 
-# ---------------------------------------------------------------- sizes and layout (REFERENCE 1.1, 1.2, 1.11)
+# ---------------------------------------------------------------- sizes and layout (docs/reference.md §1.1, 1.2, 1.11)
 
 @pytest.mark.parametrize("name,total,projector", [
     ("SiT-B/2", 137_845_008, 7_344_896), ("SiT-B/4", 137_771_328, 7_344_896),
@@ -264,7 +264,7 @@ def test_resample_tokens():
 
 
 def direct_sit_forward(sd, x, t, y, *, p, heads, encoder_depth, depth, C=4):
-    """REFERENCE 1.3-1.9 written out from the state dict alone (eval mode, explicit softmax)."""
+    """docs/reference.md §1.3-1.9 written out from the state dict alone (eval mode, explicit softmax)."""
     import torch.nn.functional as F
 
     def lin(h, name):

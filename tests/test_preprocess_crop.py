@@ -1,4 +1,4 @@
-"""ADM center crop (REFERENCE.md 5.1) and RGB conversion of odd image modes."""
+"""ADM center crop (docs/reference.md §5.1) and RGB conversion of odd image modes."""
 import numpy as np
 import pytest
 from PIL import Image
@@ -7,7 +7,7 @@ from repa.preprocess.crop import adm_center_crop, check_resolution, load_rgb, to
 
 
 def _reference_crop(img: Image.Image, S: int) -> np.ndarray:
-    """REFERENCE.md 5.1 written out step by step (PIL crop box instead of array slicing)."""
+    """docs/reference.md §5.1 written out step by step (PIL crop box instead of array slicing)."""
     img = img.convert("RGB")
     W, H = img.size
     while min(W, H) >= 2 * S:

@@ -1,4 +1,4 @@
-"""Solvers vs a direct transcription of REFERENCE.md 6.1-6.3, call traces, null class, per-sample SDE noise."""
+"""Solvers vs a direct transcription of docs/reference.md §6.1-6.3, call traces, null class, per-sample SDE noise."""
 import math
 
 import pytest
@@ -40,7 +40,7 @@ def _guided(model, x, t, y, s, on, dtype, post=lambda v, x, t: v):
 
 
 def ref_ode(model, x, y, n, heun, s, lo, hi):
-    """REFERENCE 6.2 written out directly."""
+    """docs/reference.md §6.2 written out directly."""
     ts = torch.linspace(1, 0, n + 1, dtype=torch.float64)
     x = x.double()
     for i in range(n):
@@ -62,7 +62,7 @@ def _alpha_sigma(t, path):
 
 
 def ref_sde(model, x, y, n, s, lo, hi, path, eps):
-    """REFERENCE 6.3 written out directly; eps[k] is the noise of interval k."""
+    """docs/reference.md §6.3 written out directly; eps[k] is the noise of interval k."""
     ts = torch.cat([torch.linspace(1.0, 0.04, n, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
     x = x.double()
     for k in range(n):

@@ -21,7 +21,7 @@ def heavy_tailed_features(n, t=256, d=768, outlier_gain=40.0, seed=0):
 
 
 def repa_proj_loss(pred, target):
-    """REFERENCE 2.4 written out: mean over batch and tokens of -<normalize(target), normalize(pred)>."""
+    """docs/reference.md §2.4 written out: mean over batch and tokens of -<normalize(target), normalize(pred)>."""
     p = pred / pred.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     z = target / target.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return (-(p * z).sum(-1)).mean(dim=1).mean()

@@ -2,7 +2,7 @@
 
 Tiny DINOv2-architecture timm models (random weights, 7x7 native grid like DINOv2's 37x37) are saved with
 timm's save_for_hf and loaded through the user path `timm:local-dir:PATH`; every output is compared with a
-hand-written forward that follows REFERENCE.md sections 4 and 7.1 directly.
+hand-written forward that follows docs/reference.md sections 4 and 7.1 directly.
 """
 import time
 
@@ -49,7 +49,7 @@ def _images(n=2, r=R, seed=0):
 
 
 def _ref_preprocess(images, size):
-    """REFERENCE 4: x/255 -> torchvision Normalize(ImageNet) -> F.interpolate(bicubic), float32."""
+    """docs/reference.md §4: x/255 -> torchvision Normalize(ImageNet) -> F.interpolate(bicubic), float32."""
     from torchvision.transforms import Normalize
     x = images.float() / 255.0
     x = Normalize(IMAGENET_MEAN, IMAGENET_STD)(x)

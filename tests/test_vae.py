@@ -1,4 +1,4 @@
-"""preprocess.vae: moments equal diffusers' posterior (REFERENCE 5.2/5.3), scaling convention, fail-fast."""
+"""preprocess.vae: moments equal diffusers' posterior (docs/reference.md §5.2/5.3), scaling convention, fail-fast."""
 import math
 import time
 
@@ -28,7 +28,7 @@ def tiny_vae_dir(tmp_path_factory):
 def _images(n=2, r=32, seed=1):
     g = torch.Generator().manual_seed(seed)
     u8 = torch.randint(0, 256, (n, 3, r, r), generator=g, dtype=torch.uint8)
-    return u8.float() / 127.5 - 1                       # REFERENCE 5.2 step 1
+    return u8.float() / 127.5 - 1                       # docs/reference.md §5.2 step 1
 
 
 def test_moments_equal_diffusers_posterior_and_formula(tiny_vae_dir):

@@ -1,4 +1,4 @@
-"""``repa-train``: the command line of trainer/train.py (reference flag names, REFERENCE.md 9.1).
+"""``repa-train``: the command line of trainer/train.py (reference flag names, docs/reference.md §9.1).
 
 Single process:   repa-train --shards shards/ --model SiT-B/2 --encoder-depth 4 --exp-name b2
 Multi-GPU:        accelerate launch --multi_gpu --num_processes 8 -m repa.trainer.cli --shards ... (or the

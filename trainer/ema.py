@@ -1,4 +1,4 @@
-"""Exponential moving average of the model weights (REFERENCE 3.4)."""
+"""Exponential moving average of the model weights (docs/reference.md §3.4)."""
 from __future__ import annotations
 
 import copy

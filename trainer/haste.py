@@ -1,9 +1,9 @@
-"""HASTE attention alignment (REFERENCE.md section 7): loss, layer/head mapping, phase switch.
+"""HASTE attention alignment (docs/reference.md section 7): loss, layer/head mapping, phase switch.
 
 During phase I (``step < early_stop_point``) HASTE adds to REPA's objective
     attn_coeff · mean_j CE( softmax(teacher logits of block tb_j) -> softmax(student logits of block sb_j) )
 where the cross-entropy is taken row-wise over the T key tokens, averaged over rows (batch x heads x
-queries) and then over the block pairs j. The published setting (REFERENCE 7.3): SiT-XL/2 blocks 4-7
+queries) and then over the block pairs j. The published setting (docs/reference.md §7.3): SiT-XL/2 blocks 4-7
 (0-indexed), their first 12 of 16 heads, against DINOv2-B blocks 8-11 with the CLS row and column removed
 before the softmax (that slicing is the teacher side's job, ``preprocess/teachers.py``).
 
@@ -100,7 +100,7 @@ def attention_alignment_loss(student_logits_list: Sequence[torch.Tensor], teache
                              student_blocks: Sequence[int] = (4, 5, 6, 7),
                              teacher_index_map: Sequence[int] | None = None,
                              num_heads: int = 12) -> torch.Tensor:
-    """HASTE attention-alignment loss (REFERENCE 7.3), a float32 scalar.
+    """HASTE attention-alignment loss (docs/reference.md §7.3), a float32 scalar.
 
     student_logits_list: the SiT's pre-softmax logits indexed by block (``model(..., return_attn=True)[2]``),
         each (B, H_s, T, T).

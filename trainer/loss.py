@@ -1,11 +1,11 @@
 """The REPA objective: stochastic-interpolant denoising loss (v-prediction) + projection alignment loss.
 
-Exactly REPA's ``loss.py`` (class ``SILoss``, REFERENCE.md section 2), with two fixes that do not change the
+Exactly REPA's ``loss.py`` (class ``SILoss``, docs/reference.md section 2), with two fixes that do not change the
 values: the projection loss averages over tokens explicitly (the reference relies on ``torch.mean(dim=[])``
 fully reducing a vector), and teacher tokens on a different grid are resampled onto the student's
 (``trainer.models.resample_tokens``) instead of crashing.
 
-Random draws happen in the reference order (REFERENCE 3.3): t on the CPU generator (``torch.rand`` for
+Random draws happen in the reference order (docs/reference.md §3.3): t on the CPU generator (``torch.rand`` for
 uniform, ``torch.randn`` for lognormal), then the noise ε with ``randn_like`` on the latents' device,
 then the label dropout inside the model. ``t`` and ``noise`` can be passed explicitly for determinism.
 """
@@ -35,7 +35,7 @@ def _check(path_type: str, weighting: str | None = None, prediction: str = "v") 
 
 
 def interpolant(t: torch.Tensor, path_type: str = "linear"):
-    """(alpha_t, sigma_t, d alpha/dt, d sigma/dt) for x_t = alpha_t·x0 + sigma_t·eps (REFERENCE 2.1).
+    """(alpha_t, sigma_t, d alpha/dt, d sigma/dt) for x_t = alpha_t·x0 + sigma_t·eps (docs/reference.md §2.1).
 
     linear: alpha = 1-t, sigma = t.  cosine: alpha = cos(pi t/2), sigma = sin(pi t/2).
     t = 0 is data, t = 1 is noise. Outputs have t's shape and dtype.
@@ -50,7 +50,7 @@ def interpolant(t: torch.Tensor, path_type: str = "linear"):
 
 def sample_time(batch_size: int, weighting: str = "uniform", path_type: str = "linear",
                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """Training times, shape (B, 1, 1, 1) float32 on the CPU (REFERENCE 2.2).
+    """Training times, shape (B, 1, 1, 1) float32 on the CPU (docs/reference.md §2.2).
 
     uniform: t ~ U[0, 1) via ``torch.rand``. lognormal: n ~ N(0, 1) via ``torch.randn``, s = exp(n);
     linear path t = s/(1+s) (= sigmoid(n)), cosine path t = (2/pi)·atan(s).
@@ -67,7 +67,7 @@ def sample_time(batch_size: int, weighting: str = "uniform", path_type: str = "l
 
 
 def projection_loss(zs, zs_tilde) -> torch.Tensor:
-    """REPA alignment loss (REFERENCE 2.4): mean over encoders, batch and tokens of -cos(z*, z~).
+    """REPA alignment loss (docs/reference.md §2.4): mean over encoders, batch and tokens of -cos(z*, z~).
 
     zs: list over encoders of teacher tokens (B, T, z); zs_tilde: the projector outputs, same shapes.
     Each token is L2-normalised (eps 1e-12); per sample the negative cosine is averaged over its T tokens,

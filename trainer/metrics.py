@@ -59,7 +59,7 @@ def read_jsonl(path: str) -> list[dict]:
 @torch.no_grad()
 def euler_preview(model, noise: torch.Tensor, labels: torch.Tensor, num_steps: int = 50,
                   cfg_scale: float = 4.0) -> torch.Tensor:
-    """Euler ODE from t=1 (noise) to t=0 (REFERENCE 6.2) with CFG on all channels.
+    """Euler ODE from t=1 (noise) to t=0 (docs/reference.md §6.2) with CFG on all channels.
 
     Uses ``sampler.euler_sampler`` when the sampler package provides it, otherwise this tiny loop.
     """

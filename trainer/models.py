@@ -2,7 +2,7 @@
 
 This is a from-scratch re-implementation of REPA's ``models/sit.py`` (itself DiT's ``models.py`` with
 projector heads), written to be *state-dict compatible* with the official checkpoints: module names and
-parameter shapes are exactly the reference's (REFERENCE.md 1.2), so the official SiT-XL/2 ``last.pt``
+parameter shapes are exactly the reference's (docs/reference.md §1.2), so the official SiT-XL/2 ``last.pt``
 loads with ``strict=True``. There is no timm dependency; the timm modules the reference uses
 (``PatchEmbed``, ``Attention``, ``Mlp``) are re-written below with the same parameter names.
 
@@ -12,7 +12,7 @@ Differences from the reference (all deliberate, none change the numerics of a pu
   * ``encoder_depth`` outside ``[1, depth]`` raises at construction instead of crashing in ``forward``.
   * ``qk_norm=True`` builds ``LayerNorm(head_dim)`` (eps 1e-5, affine) like older timm did.
   * ``model(x, t, y, return_attn=True)`` also returns the pre-softmax attention logits of blocks
-    ``0..encoder_depth-1`` (HASTE, REFERENCE 7.2); they are only computed when asked for.
+    ``0..encoder_depth-1`` (HASTE, docs/reference.md §7.2); they are only computed when asked for.
   * ``resample_tokens`` maps teacher tokens onto the student's token grid when the counts differ.
 
 Conventions: x is the scaled VAE latent (B, C, H', W'); t in [0, 1] (0 = data, 1 = noise), fed
@@ -44,7 +44,7 @@ def modulate(x, shift, scale):
 #################################################################################
 
 class PatchEmbed(nn.Module):
-    """Conv2d(kernel = stride = p) patchifier; tokens in row-major grid order (REFERENCE 1.3)."""
+    """Conv2d(kernel = stride = p) patchifier; tokens in row-major grid order (docs/reference.md §1.3)."""
 
     def __init__(self, input_size: int, patch_size: int, in_channels: int, hidden_size: int):
         super().__init__()
@@ -62,7 +62,7 @@ class PatchEmbed(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-    """Embeds scalar timesteps t in [0, 1] (unscaled) into D-dim vectors (REFERENCE 1.5)."""
+    """Embeds scalar timesteps t in [0, 1] (unscaled) into D-dim vectors (docs/reference.md §1.5)."""
 
     def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
         super().__init__()
@@ -93,7 +93,7 @@ class TimestepEmbedder(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-    """Class-label embedding with label dropout for classifier-free guidance (REFERENCE 1.6).
+    """Class-label embedding with label dropout for classifier-free guidance (docs/reference.md §1.6).
 
     The table has ``num_classes + 1`` rows when ``dropout_prob > 0``; row ``num_classes`` is the null class.
     """
@@ -178,7 +178,7 @@ class Mlp(nn.Module):
 
 
 class SiTBlock(nn.Module):
-    """A SiT block with adaptive layer norm zero (adaLN-Zero) conditioning (REFERENCE 1.7)."""
+    """A SiT block with adaptive layer norm zero (adaLN-Zero) conditioning (docs/reference.md §1.7)."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False,
                  fused_attn: bool = True):
@@ -198,7 +198,7 @@ class SiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """adaLN (shift, scale) + LayerNorm + Linear(D -> p·p·C) (REFERENCE 1.9)."""
+    """adaLN (shift, scale) + LayerNorm + Linear(D -> p·p·C) (docs/reference.md §1.9)."""
 
     def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
         super().__init__()
@@ -212,7 +212,7 @@ class FinalLayer(nn.Module):
 
 
 def build_mlp(hidden_size: int, projector_dim: int, z_dim: int) -> nn.Sequential:
-    """REPA projector: Linear(D, P) -> SiLU -> Linear(P, P) -> SiLU -> Linear(P, z) (REFERENCE 1.8)."""
+    """REPA projector: Linear(D, P) -> SiLU -> Linear(P, P) -> SiLU -> Linear(P, z) (docs/reference.md §1.8)."""
     return nn.Sequential(
         nn.Linear(hidden_size, projector_dim), nn.SiLU(),
         nn.Linear(projector_dim, projector_dim), nn.SiLU(),
@@ -225,7 +225,7 @@ class SiT(nn.Module):
 
     ``forward(x, t, y)`` returns ``(v, zs)``: the velocity (B, C, H', W') and a list with one
     (B, T, z_dim) tensor per projector, computed from the residual stream after block
-    ``encoder_depth - 1`` (``encoder_depth`` is 1-indexed, REFERENCE 1.8).
+    ``encoder_depth - 1`` (``encoder_depth`` is 1-indexed, docs/reference.md §1.8).
     """
 
     def __init__(
@@ -288,7 +288,7 @@ class SiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        """Initialization of REFERENCE 1.10, in the reference's order."""
+        """Initialization of docs/reference.md §1.10, in the reference's order."""
         def _basic_init(module):
             if isinstance(module, nn.Linear):
                 torch.nn.init.xavier_uniform_(module.weight)
@@ -326,7 +326,7 @@ class SiT(nn.Module):
             block.attn.fused_attn = fused
 
     def unpatchify(self, x):
-        """(B, T, p·p·C) with per-token layout (py, px, c) -> (B, C, H', W') (REFERENCE 1.9)."""
+        """(B, T, p·p·C) with per-token layout (py, px, c) -> (B, C, H', W') (docs/reference.md §1.9)."""
         c, p = self.out_channels, self.patch_size
         h = w = int(x.shape[1] ** 0.5)
         if h * w != x.shape[1]:
@@ -382,7 +382,7 @@ def get_1d_sincos_pos_embed_from_grid(embed_dim: int, pos: torch.Tensor) -> torc
 def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> torch.Tensor:
     """(G·G, D) float64 table; token k = i·G + j (row i, column j).
 
-    The first D/2 channels encode the column j, the second D/2 the row i (REFERENCE 1.4: the reference
+    The first D/2 channels encode the column j, the second D/2 the row i (docs/reference.md §1.4: the reference
     names the first half "emb_h" but builds it from the w-coordinate grid).
     """
     coords = torch.arange(grid_size, dtype=torch.float64)
@@ -399,7 +399,7 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> torch.Tensor:
 def resample_tokens(z: torch.Tensor, grid_hw, src_grid_hw=None) -> torch.Tensor:
     """Resample teacher tokens (B, T_t, D) on a row-major 2-D grid onto the student's grid.
 
-    The reference pairs teacher token k with student token k and so requires equal counts (REFERENCE
+    The reference pairs teacher token k with student token k and so requires equal counts (docs/reference.md
     2.4; e.g. SiT-*/4 at 256 px has 8x8 tokens while DINOv2-B gives 16x16). We instead treat the teacher
     tokens as a D-channel image and resize it to the student grid:
       * shrinking (student grid smaller): ``area`` interpolation, i.e. each student token gets the mean of
@@ -432,7 +432,7 @@ def resample_tokens(z: torch.Tensor, grid_hw, src_grid_hw=None) -> torch.Tensor:
 #                                   SiT Configs                                  #
 #################################################################################
 
-SiT_ARCHS = {  # REFERENCE 1.1
+SiT_ARCHS = {  # docs/reference.md §1.1
     "S": dict(depth=12, hidden_size=384, num_heads=6),
     "B": dict(depth=12, hidden_size=768, num_heads=12),
     "L": dict(depth=24, hidden_size=1024, num_heads=16),

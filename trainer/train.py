@@ -6,7 +6,7 @@ The whole loop is ``train(cfg)`` below, readable top to bottom like nanoGPT's tr
     -> loop: [micro-batches: posterior sample, REPA (+HASTE) loss, backward] -> clip -> step -> EMA
              -> log (tqdm, metrics.jsonl, trackers) -> checkpoint / preview / stop on SIGTERM
 
-Reference behaviour reproduced (REFERENCE.md 3): AdamW(1e-4, (0.9, 0.999), wd 0, eps 1e-8), constant LR,
+Reference behaviour reproduced (docs/reference.md §3): AdamW(1e-4, (0.9, 0.999), wd 0, eps 1e-8), constant LR,
 clip 1.0, EMA 0.9999 over all named parameters in fp32 every sync step, a fresh posterior sample every
 step, label dropout only inside the model (``--cfg-prob`` is the model's ``class_dropout_prob``),
 RNG draw order posterior -> t (CPU) -> noise -> label drop, per-rank seed ``seed + rank``.
@@ -188,7 +188,7 @@ def compute_loss(model, loss_fn: REPALoss, batch: dict, *, scale, bias, feats: l
                  haste: HasteOnline | None = None, draws: dict | None = None):
     """Total loss and its logged parts [denoise, proj, attn] for one micro-batch (already on the device).
 
-    RNG order (REFERENCE 3.3): posterior eps, t (CPU), noise, label drop inside the model. ``draws``
+    RNG order (docs/reference.md §3.3): posterior eps, t (CPU), noise, label drop inside the model. ``draws``
     (tests only) fixes them: {"posterior": eps, "t": t, "noise": noise, "drop": force_drop_ids}.
     ``feats`` empty = no alignment (HASTE phase II). ``haste`` set = HASTE phase I: the online teacher
     gives the attention logits and the aligned features of teacher ``haste.teacher_index``.
