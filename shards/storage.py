@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
+import re
+import secrets
 import time
 from typing import Callable, TypeVar
 
@@ -118,26 +119,77 @@ def read_bytes(url: str, storage_options: dict | None = None) -> bytes:
     return retry(lambda: fs.cat_file(path), url, "reading")
 
 
-def write_bytes(url: str, data: bytes, storage_options: dict | None = None) -> None:
-    """Atomic write: temp file + fsync + os.replace locally; a single PUT on object stores."""
-    if is_remote(url):
-        fs, path = filesystem(url, storage_options)
-        retry(lambda: fs.pipe_file(path, data), url, "writing")
+# --- atomic local writes --------------------------------------------------------------------------------
+# Every file repa's shard layer writes goes through a temp file named ``.<name>.repa-tmp-<pid>-<random>`` in
+# the destination folder, fsynced, then renamed over the final name. The exact pattern is what cleanups match
+# (is_own_temp), so they can never delete a user's file. Temp files are created with mode 0o666 and the
+# process umask applied (0644 under umask 0022), never mkstemp's 0600.
+TMP_TAG = ".repa-tmp-"
+_OWN_TMP = re.compile(r"^\.(?P<name>.+)\.repa-tmp-(?P<pid>[0-9]+)-[0-9a-f]{8}$")
+
+
+def temp_name(name: str) -> str:
+    """The temp-file name for ``name`` (a base name): ``.<name>.repa-tmp-<pid>-<8 hex>``."""
+    return f".{name}{TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def is_own_temp(name: str) -> bool:
+    """True only for names made by :func:`temp_name` (base name or path): what cleanups may delete."""
+    return _OWN_TMP.match(os.path.basename(name)) is not None
+
+
+def temp_target(name: str) -> tuple[str, int] | None:
+    """(final base name, writer pid) of a temp name made by :func:`temp_name`, else None."""
+    m = _OWN_TMP.match(os.path.basename(name))
+    return (m["name"], int(m["pid"])) if m else None
+
+
+def create_temp(directory: str, name: str):
+    """Open a new temp file for ``name`` in ``directory`` (exclusive create, umask respected); (file, path)."""
+    path = os.path.join(directory, temp_name(name))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the kernel applies the umask
+    return os.fdopen(fd, "wb"), path
+
+
+def publish(tmp: str, path: str) -> None:
+    """Rename a finished (fsynced) temp file over ``path`` and fsync the folder so the rename is durable."""
+    os.replace(tmp, path)
+    try:
+        dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    except OSError:
         return
-    path = local_path(url)
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass  # some filesystems (and NFS exports) refuse fsync on a directory; the rename itself is atomic
+    finally:
+        os.close(dfd)
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Write ``data`` to the local ``path`` atomically: temp in the same folder + fsync + rename."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=os.path.basename(path) + ".tmp-")
+    f, tmp = create_temp(d, os.path.basename(path))
     try:
-        with os.fdopen(fd, "wb") as f:
+        with f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_bytes(url: str, data: bytes, storage_options: dict | None = None) -> None:
+    """Atomic write: :func:`atomic_write` locally; a single PUT (atomic) on object stores."""
+    if is_remote(url):
+        fs, path = filesystem(url, storage_options)
+        retry(lambda: fs.pipe_file(path, data), url, "writing")
+        return
+    atomic_write(local_path(url), data)
 
 
 def put_file(local: str, url: str, storage_options: dict | None = None) -> None:

@@ -1,8 +1,10 @@
 """Writing shard sets: one shard (ShardWriter), a planned set with roll-over (ShardSetWriter), resume
 support (completed_shards) and the manifest (finalize_manifest).
 
-Atomicity: a local shard is written to ``<name>.tmp-<pid>`` and renamed when complete; on object stores
-the shard is written to a local temp file and uploaded with one put at close. Only then is the sidecar
+Atomicity: a local shard is written to ``.<name>.repa-tmp-<pid>-<random>`` in its folder (storage.create_temp:
+umask respected) and renamed when complete; on object stores the shard is staged in a local temp file named
+``.repa-<set id>-<name>.repa-tmp-<pid>-<random>`` in $TMPDIR and uploaded at close (cleanup_stale_uploads
+removes the staging files and unfinished multipart uploads that killed writers leave). Only then is the sidecar
 ``<name>.json`` (ShardInfo plus the key runs) written, atomically. A shard counts as done only if its
 sidecar exists and the shard's size matches it, so an interrupted writer redoes exactly the shards that
 are not done, without duplicates or gaps.
@@ -12,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 import warnings
 
@@ -22,7 +25,13 @@ from .schema import SCHEMA_VERSION, FieldSpec
 from .tario import END_OF_ARCHIVE, RecordCodec
 
 SIDECAR_SUFFIX = ".json"
-TMP_MARK = ".tmp-"
+TMP_MARK = ".tmp-"  # temp names of earlier repa versions (<shard>.tar.tmp-<pid>); removed by finalize_manifest
+_LEGACY_TMP = re.compile(r"^[^/]+\.tar\.tmp-[0-9]+$")
+
+
+def staging_prefix(out: str) -> str:
+    """The prefix of this shard set's staging files in $TMPDIR (object-store output): ``repa-<set id>-``."""
+    return "repa-" + hashlib.sha256(out.rstrip("/").encode()).hexdigest()[:12] + "-"
 
 
 def _key_runs(keys: list[int]) -> list[list[int]]:
@@ -49,11 +58,9 @@ class ShardWriter:
         self.codec = RecordCodec(self.fields)
         storage.makedirs(out, storage_options)
         if storage.is_remote(out):
-            fd, self._tmp = tempfile.mkstemp(prefix=shard_name + TMP_MARK)
-            self._f = os.fdopen(fd, "wb")
+            self._f, self._tmp = storage.create_temp(tempfile.gettempdir(), staging_prefix(out) + shard_name)
         else:
-            self._tmp = self.url + f"{TMP_MARK}{os.getpid()}"
-            self._f = open(self._tmp, "wb")
+            self._f, self._tmp = storage.create_temp(storage.local_path(out), shard_name)
         self._sha = hashlib.sha256()
         self._keys: list[int] = []
         self._seen: set[int] = set()
@@ -112,7 +119,7 @@ class ShardWriter:
                 storage.put_file(self._tmp, self.url, self.storage_options)
                 os.unlink(self._tmp)
             else:
-                os.replace(self._tmp, self.url)
+                storage.publish(self._tmp, self.url)
         except BaseException:
             if os.path.exists(self._tmp):
                 os.unlink(self._tmp)
@@ -272,8 +279,9 @@ def finalize_manifest(out: str, fields: dict[str, FieldSpec], provenance: dict, 
     """Collect the sidecars of the finished shards into ``out/manifest.json`` (shards sorted by name).
 
     Checks that every key appears once (and that the keys are exactly 0..expected_records-1 when given);
-    raises ManifestError listing the duplicate/missing keys otherwise. Leftover local ``*.tmp-*`` files of
-    interrupted writers are removed.
+    raises ManifestError listing the duplicate/missing keys otherwise. Leftover local temp files of
+    interrupted writers are removed (only names storage.is_own_temp matches, and earlier repa versions'
+    ``<shard>.tar.tmp-<pid>``).
     """
     fields = dict(fields)
     rb = RecordCodec(fields).record_bytes
@@ -313,8 +321,8 @@ def finalize_manifest(out: str, fields: dict[str, FieldSpec], provenance: dict, 
                                 "Re-run the writer: it redoes only the incomplete shards")
     if not storage.is_remote(out):
         for n in storage.listdir(out):
-            if TMP_MARK in n:
-                os.unlink(os.path.join(storage.local_path(out), n))
+            if storage.is_own_temp(n) or _LEGACY_TMP.match(n):
+                storage.remove(storage.join(out, n))
     manifest = Manifest(SCHEMA_VERSION, total, fields, shards, dict(provenance), rb)
     write_manifest(out, manifest, storage_options)
     return manifest

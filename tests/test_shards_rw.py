@@ -12,6 +12,7 @@ import torch
 
 from repa.shards import (FieldSpec, ManifestError, ShardSetWriter, ShardStream, ShardWriter, completed_shards,
                     feature_spec, finalize_manifest, read_manifest)
+from repa.shards import storage
 
 FIELDS = {
     "moments": FieldSpec((4, 2, 2), "float32"),
@@ -111,7 +112,7 @@ def test_writer_resume_after_crash(tmp_path):
     for k in range(7):  # shards 0, 1 complete; shard 2 in progress when we "crash"
         w.write(k, sample_for(k))
     assert sorted(completed_shards(out)) == ["shard-000000.tar", "shard-000001.tar"]
-    assert any(".tmp-" in n for n in os.listdir(out))  # the crash leaves a temp file
+    assert [n for n in os.listdir(out) if storage.is_own_temp(n)]  # the crash leaves a temp file
     # a shard whose size does not match its sidecar is not complete either
     with open(tmp_path / "shard-000001.tar", "ab") as f:
         f.write(b"x")
@@ -123,7 +124,7 @@ def test_writer_resume_after_crash(tmp_path):
     w2.close()
     m = finalize_manifest(out, FIELDS, PROVENANCE, expected_records=8)
     assert [s.num_records for s in m.shards] == [3, 3, 2]
-    assert not any(".tmp-" in n for n in os.listdir(out))
+    assert not [n for n in os.listdir(out) if storage.is_own_temp(n) or ".tmp-" in n]
     keys = torch.cat([b["key"] for b in ShardStream(out, 8, shuffle=False)])
     assert keys.tolist() == list(range(8))
 
@@ -153,3 +154,29 @@ def test_writer_errors_name_the_record(tmp_path):
         w.write(1, {k: v for k, v in sample_for(1).items() if k != "label"})
     w.abort()
     assert os.listdir(tmp_path) == []
+
+
+def test_every_written_file_respects_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_set(tmp_path / "set", 7, 3)
+    finally:
+        os.umask(old)
+    names = sorted(os.listdir(tmp_path / "set"))
+    assert names == ["manifest.json"] + [f"shard-{j:06d}.tar{s}" for j in range(3) for s in ("", ".json")]
+    assert {n: os.stat(tmp_path / "set" / n).st_mode & 0o777 for n in names} == {n: 0o644 for n in names}
+
+
+def test_temp_names_and_cleanup_only_touch_own_pattern(tmp_path):
+    name = storage.temp_name("shard-000001.tar")
+    assert storage.is_own_temp(name) and storage.temp_target(name) == ("shard-000001.tar", os.getpid())
+    for other in ("shard-000001.tar", "notes.repa-tmp-1-abcdef01", ".x.repa-tmp-12-ABCDEF01", ".x.repa-tmp--abcdef01",
+                  ".x.repa-tmp-12-abcdef012", "my.tmp-file"):
+        assert not storage.is_own_temp(other), other
+    write_set(tmp_path, 4, 2)
+    keep = ["notes.tmp-backup", ".hidden.repa-tmp-x", "shard-000000.tar.bak"]
+    for n in keep + [name, "shard-000009.tar.tmp-4321"]:  # ours (new and earlier repa names) and the user's
+        (tmp_path / n).write_bytes(b"x")
+    finalize_manifest(str(tmp_path), FIELDS, PROVENANCE, expected_records=4)
+    left = set(os.listdir(tmp_path))
+    assert set(keep) <= left and name not in left and "shard-000009.tar.tmp-4321" not in left

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from faults.conftest import kill_on_call, run_forked
+from repa.shards import storage
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -94,13 +95,13 @@ def test_preprocess_sigkill_mid_shard_and_before_sidecar(image_dir, tmp_path, on
 
     assert run_forked(kill_mid_record) == -signal.SIGKILL
     names = os.listdir(out)
-    assert "manifest.json" not in names and any(".tmp-" in n for n in names)
+    assert "manifest.json" not in names and any(storage.is_own_temp(n) for n in names)
     assert assert_no_truncated_tar(out) == 1  # shard 0 only
     assert run_forked(kill_before_sidecar) == -signal.SIGKILL
     assert assert_no_truncated_tar(out) == 3 and not (out / "shard-000002.tar.json").exists()
     summary = run_preprocess(args)  # the same command again
     assert summary["records"] == 10 and summary["records_written"] == 2  # only shard 2 (no sidecar) redone
-    assert not [n for n in os.listdir(out) if ".tmp-" in n]
+    assert not [n for n in os.listdir(out) if storage.is_own_temp(n) or ".tmp-" in n]
     got, want = tar_records(out), tar_records(ref)
     assert sorted(got) == sorted(want) == list(range(10))
     assert got == want  # bitwise the same records
