@@ -11,7 +11,8 @@ import sys
 from dataclasses import dataclass
 
 import numpy as np
-import torch
+
+from . import codecs as _codecs
 
 if sys.byteorder != "little":  # pragma: no cover - every platform we run on is little-endian
     raise ImportError("repa shards store little-endian arrays and decode them zero-copy; big-endian hosts are not supported")
@@ -20,24 +21,8 @@ SCHEMA_VERSION = 1
 BLOCK = 512
 CRC_FIELD = "crc"
 
-# decoded dtype name -> (torch dtype, itemsize)
-DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "float32": (torch.float32, 4),
-    "float16": (torch.float16, 2),
-    "bfloat16": (torch.bfloat16, 2),
-    "float64": (torch.float64, 8),
-    "int64": (torch.int64, 8),
-    "int32": (torch.int32, 4),
-    "int16": (torch.int16, 2),
-    "int8": (torch.int8, 1),
-    "uint8": (torch.uint8, 1),
-    "bool": (torch.bool, 1),
-}
-# codec -> stored dtype (None: the field's own dtype)
-CODECS: dict[str, str | None] = {"raw": None, "fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": None}
-FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
-# decoded dtype a feature codec gives by default (see feature_spec)
-CODEC_DEFAULT_DTYPE = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "float32"}
+# dtypes and codecs live in codecs.py (one codec object per name); re-exported here for readers of the schema
+DTYPES, FLOAT_DTYPES = _codecs.DTYPES, _codecs.FLOAT_DTYPES
 
 
 def padded(n: int) -> int:
@@ -63,14 +48,14 @@ class FieldSpec:
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
         if self.dtype not in DTYPES:
             raise ValueError(f"FieldSpec: unknown dtype {self.dtype!r}; use one of {sorted(DTYPES)}")
-        if self.codec not in CODECS:
-            raise ValueError(f"FieldSpec: unknown codec {self.codec!r}; use one of {sorted(CODECS)}")
         if any(s <= 0 for s in self.shape):
             raise ValueError(f"FieldSpec: shape {self.shape} must be positive")
-        if self.codec != "raw" and self.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"FieldSpec: codec {self.codec!r} needs a float dtype, got {self.dtype!r}")
-        if self.codec == "int8" and len(self.shape) != 2:
-            raise ValueError(f"FieldSpec: codec 'int8' needs a 2-D (tokens, dim) shape, got {self.shape}")
+        self.codec_impl.check(self.shape, self.dtype)
+
+    @property
+    def codec_impl(self) -> "_codecs.Codec":
+        """The codec object (encode, decode_batch, nbytes, stored_dtype) this field is stored with."""
+        return _codecs.get_codec(self.codec)
 
     @property
     def numel(self) -> int:
@@ -79,17 +64,12 @@ class FieldSpec:
     @property
     def stored_dtype(self) -> str:
         """dtype of the stored values (for int8: of the quantized values)."""
-        if self.codec == "int8":
-            return "int8"
-        return CODECS[self.codec] or self.dtype
+        return self.codec_impl.stored_dtype(self.dtype)
 
     @property
     def nbytes(self) -> int:
         """Encoded bytes of one value of this field."""
-        if self.codec == "int8":
-            t, d = self.shape
-            return 4 * d + 4 * t + t * d
-        return self.numel * DTYPES[self.stored_dtype][1]
+        return self.codec_impl.nbytes(self.shape, self.dtype)
 
     def to_json(self) -> dict:
         return {"shape": list(self.shape), "dtype": self.dtype, "codec": self.codec, "nbytes": self.nbytes}
@@ -101,9 +81,10 @@ class FieldSpec:
 
 def feature_spec(shape: tuple[int, ...], codec: str = "bf16") -> FieldSpec:
     """FieldSpec for teacher features with the codec's natural decoded dtype (bf16 -> bfloat16, int8 -> float32)."""
-    if codec not in CODEC_DEFAULT_DTYPE:
-        raise ValueError(f"--feature-codec {codec!r}: use one of {sorted(CODEC_DEFAULT_DTYPE)}")
-    return FieldSpec(tuple(shape), CODEC_DEFAULT_DTYPE[codec], codec)
+    names = _codecs.feature_codecs()
+    if codec not in names:
+        raise ValueError(f"--feature-codec {codec!r}: use one of {list(names)}")
+    return FieldSpec(tuple(shape), _codecs.get_codec(codec).feature_dtype, codec)
 
 
 def check_field_name(name: str) -> None:

@@ -123,3 +123,19 @@ def test_ustar_headers_are_standard_and_deterministic():
     keys, problems = codec.check_headers(np.frombuffer(rec, np.uint8).reshape(1, -1))
     assert keys.tolist() == [42] and problems == [None]
     assert codec.check_crc(memoryview(rec)) is None
+
+
+def test_codec_interface_is_the_one_place_a_codec_lives():
+    """Every codec answers the same interface, and FieldSpec/encode/decode go through it (no special cases)."""
+    from repa.shards.codecs import CODECS, feature_codecs, get_codec
+    assert feature_codecs()[0] == "bf16" and set(feature_codecs()) == {"bf16", "fp16", "fp32", "int8"}
+    x = torch.randn(6, 5)
+    for name, codec in CODECS.items():
+        spec = FieldSpec((6, 5), "float32", name)
+        assert get_codec(name) is codec and spec.codec_impl is codec
+        buf = encode_field(x, spec)
+        assert len(buf) == spec.nbytes == codec.nbytes((6, 5), "float32")
+        u8 = torch.frombuffer(bytearray(buf * 3), dtype=torch.uint8).reshape(3, -1)
+        batch = decode_batch(u8, spec)
+        assert batch.shape == (3, 6, 5)
+        torch.testing.assert_close(batch[1], decode_field(buf, spec), rtol=0, atol=0)
