@@ -6,6 +6,7 @@ venv's site-packages (for torch & co.). The editable install's finder is not act
 what the wheel installs.
 """
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -20,9 +21,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
-    out = tmp_path_factory.mktemp("wheel")
+    out, src = tmp_path_factory.mktemp("wheel"), tmp_path_factory.mktemp("src")
+    for name in ("pyproject.toml", "README.md"):  # build from a copy: setuptools leaves build/ in the source tree
+        shutil.copy(ROOT / name, src / name)
+    for pkg in ("shards", "preprocess", "trainer", "sampler"):
+        shutil.copytree(ROOT / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out),
-                    str(ROOT)], check=True, capture_output=True)
+                    str(src)], check=True, capture_output=True)
     (whl,) = out.glob("repa-*.whl")
     return whl
 
