@@ -15,20 +15,17 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from safetensors.torch import save_file
 
-from safetensors.torch import save_file  # noqa: E402
-
-from repa.sampler import euler_maruyama_sampler, euler_sampler  # noqa: E402
-from repa.sampler.load import load_sampling_model  # noqa: E402
-from repa.sampler.sample_cli import main as sample_main  # noqa: E402
-from repa.trainer.models import SiT  # noqa: E402
+from repa.sampler import euler_maruyama_sampler, euler_sampler
+from repa.sampler.load import load_sampling_model
+from repa.sampler.sample_cli import main as sample_main
+from repa.trainer.models import SiT
 
 SIDE = 16
 MODEL = dict(input_size=SIDE, patch_size=2, in_channels=3, hidden_size=128, decoder_hidden_size=128, depth=4,

@@ -29,8 +29,6 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 VARIANTS = ("bare", "ours", "reference", "haste", "haste_ref")
 
 
@@ -48,8 +46,8 @@ def prepare(a, work: str) -> None:
     from PIL import Image
     from timm.models import save_for_hf
 
-    from _train_shards import write_shards
     from repa.shards import FieldSpec
+    from repa.shards.synthetic import write_synthetic_set as write_shards
 
     torch.manual_seed(0)
     teacher_dir = os.path.join(work, "dinov2_b_random")
@@ -198,7 +196,7 @@ def main():
     results = {}
     base = [sys.executable, os.path.abspath(__file__), "--work", work] + [
         f"--{k}={getattr(a, k)}" for k in ("batch", "depth", "hidden", "heads", "steps", "warmup", "threads")]
-    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), PYTHONPATH=ROOT)
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
     rel = {}  # variant -> [step / bare step timed right after it in the same process], one per round
     for r in range(a.rounds):  # variants interleaved, so slow phases of a shared machine hit all of them
         for v in a.variants.split(","):
