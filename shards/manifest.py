@@ -27,9 +27,17 @@ class ShardInfo:
     sha256: str
     first_key: int
     last_key: int
+    # stored CRC-32 of the first and last record: lets the reader tell this shard from a same-size shard of
+    # another set in O(1) (None for sets written before it was recorded)
+    edge_crc: tuple[int, int] | None = None
 
     def to_json(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.edge_crc is None:
+            d.pop("edge_crc")
+        else:
+            d["edge_crc"] = [int(c) for c in self.edge_crc]
+        return d
 
     @classmethod
     def from_json(cls, d: dict) -> "ShardInfo":
@@ -37,8 +45,11 @@ class ShardInfo:
         if not name or "/" in name or "\\" in name or name in (".", "..") or not name.endswith(".tar"):
             # a shard is a plain file next to manifest.json: never follow a name out of the shard set
             raise ValueError(f"shard name {name!r} is not a plain file name ending in .tar")
+        edge = d.get("edge_crc")
+        if edge is not None and (len(edge) != 2 or not all(isinstance(c, int) for c in edge)):
+            raise ValueError(f"edge_crc {edge!r} is not two integers")
         return cls(name, int(d["num_records"]), int(d["nbytes"]), str(d["sha256"]),
-                   int(d["first_key"]), int(d["last_key"]))
+                   int(d["first_key"]), int(d["last_key"]), tuple(edge) if edge is not None else None)
 
 
 @dataclass

@@ -24,6 +24,7 @@ from . import storage
 from .codecs import decode_batch
 from .manifest import read_manifest
 from .tario import RecordCodec
+from .verify import quick_check
 
 _META = ("_worker", "_skipped")
 
@@ -135,6 +136,15 @@ class ShardStream(IterableDataset):
                                  f"({info.num_records} records): the shard is {what} than written (truncated or "
                                  "replaced). Re-create it (re-run repa-preprocess, which redoes shards without "
                                  "a valid sidecar) or pass skip_bad=True to skip its missing records")
+            problem = quick_check(f, info, self.codec) if f.size == info.nbytes else None
+            if problem:  # same size, other content: a shard of another set (or a swapped one)
+                if not self.skip_bad:
+                    f.close()
+                    raise ShardError(f"{f.url}: not the shard this manifest lists: {problem}. The shard set "
+                                     "changed under the run: run repa-verify on it and rerun the same "
+                                     "repa-preprocess command (it rewrites bad shards), or pass skip_bad=True")
+                f.close()
+                f = _MissingFile(f.url)  # skip all of its records: none of them is the one listed
             self._files[i] = f
         return f
 
@@ -289,6 +299,9 @@ class _MissingFile:
 
     def readinto(self, offset, out) -> int:
         return 0
+
+    def view(self, offset, nbytes) -> None:
+        return None  # nothing to map: the reader falls back to readinto, which reads nothing (all skipped)
 
     def close(self) -> None:
         pass

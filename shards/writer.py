@@ -65,6 +65,7 @@ class ShardWriter:
         self._keys: list[int] = []
         self._seen: set[int] = set()
         self._nbytes = 0
+        self._edge_crc = (0, 0)
         self.closed = False
 
     def write(self, key: int, sample: dict) -> None:
@@ -91,6 +92,8 @@ class ShardWriter:
         except OSError as e:
             raise self._io_error(e) from e
         self._sha.update(rec)
+        crc = int.from_bytes(rec[self.codec.crc_member.data_offset:][:4], "little")
+        self._edge_crc = (self._edge_crc[0] if self._keys else crc, crc)
         self._nbytes += len(rec)
         self._keys.append(key)
         self._seen.add(key)
@@ -125,7 +128,8 @@ class ShardWriter:
                 os.unlink(self._tmp)
             raise
         info = ShardInfo(self.name, len(self._keys), self._nbytes, self._sha.hexdigest(),
-                         self._keys[0] if self._keys else -1, self._keys[-1] if self._keys else -1)
+                         self._keys[0] if self._keys else -1, self._keys[-1] if self._keys else -1,
+                         self._edge_crc if self._keys else None)
         sidecar = dict(info.to_json(), key_runs=_key_runs(self._keys), schema_version=SCHEMA_VERSION,
                        record_bytes=self.codec.record_bytes)
         storage.write_bytes(self.url + SIDECAR_SUFFIX, json.dumps(sidecar).encode(), self.storage_options)

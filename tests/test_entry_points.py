@@ -12,8 +12,8 @@ import pytest
 SCRIPTS = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
 
 
-def test_the_four_commands_are_declared():
-    assert set(SCRIPTS) == {"repa-preprocess", "repa-train", "repa-sample", "repa-eval"}
+def test_the_commands_are_declared():
+    assert set(SCRIPTS) == {"repa-preprocess", "repa-train", "repa-sample", "repa-eval", "repa-verify"}
 
 
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
