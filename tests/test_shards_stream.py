@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from repa.shards import ShardError, ShardStream, make_loader
+from repa.shards import FieldSpec, ShardError, ShardStream, make_loader
 from repa.shards.reader import _delivered, slot_range
 from test_shards_rw import FIELDS, expected_batch, write_set
 
@@ -174,3 +174,20 @@ def test_header_corruption_and_truncation(shard_set, tmp_path):
     s = ShardStream(short, 8, shuffle=False, skip_bad=True)
     keys = flat([b["key"].tolist() for b in s])
     assert keys == [k for k in range(N) if not 40 <= k < 45] and s.skipped == 5
+
+
+TINY = {"label": FieldSpec((), "int64")}  # 2 KiB records
+
+
+def test_skip_bad_window_inside_a_missing_shard(tmp_path):
+    """Production-like plan: 1000-record shards, 512-record windows; a window lying wholly inside a missing
+    shard used to hit the memory-map path of the stand-in file (AttributeError)."""
+    write_set(tmp_path, 3000, 1000, fields=TINY)
+    (tmp_path / "shard-000001.tar").unlink()
+    for shuffle in (False, True):
+        s = ShardStream(str(tmp_path), 256, shuffle=shuffle, seed=3, shuffle_window=512, skip_bad=True)
+        keys = [int(k) for b in s for k in b["key"]]
+        assert len(keys) == 2000 and sorted(keys) == [*range(1000), *range(2000, 3000)]
+        assert s.skipped == 1000
+    with pytest.raises(ShardError, match=r"shard-000001\.tar: listed in the manifest \(1000 records\) but missing"):
+        list(ShardStream(str(tmp_path), 256, shuffle=False, shuffle_window=512))
