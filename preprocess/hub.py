@@ -9,8 +9,11 @@ raises :class:`ModelDownloadError`, whose message names the model and the ways o
 * ``HF_HUB_OFFLINE=1`` with a filled cache (machines without network),
 * a local path (``--vae /path/to/diffusers_dir``, ``--enc-type timm:local-dir:/path``).
 
-Importing this module also shortens the Hugging Face hub's network timeouts (unless the user set them),
-so that an unreachable hub fails in seconds rather than minutes.
+Inside the guard the Hugging Face hub's network timeouts are shortened (unless the user set them), so an
+unreachable hub fails in seconds rather than minutes; importing this module changes nothing process-wide.
+
+Also here, for every stage: :func:`cache_dir` (``$REPA_CACHE`` or ``~/.cache/repa``) and
+:func:`download_file`, the one plain-URL download (atomic, hash-checked, umask-respecting).
 """
 from __future__ import annotations
 
@@ -21,11 +24,16 @@ import socket
 import urllib.error
 import urllib.parse
 
-# Must happen before huggingface_hub is imported anywhere (its constants read the environment once).
-os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
-os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+__all__ = ["ModelDownloadError", "download_guard", "is_offline", "is_download_error", "fixes_text", "unreachable",
+           "cache_dir", "download_file"]
 
-__all__ = ["ModelDownloadError", "download_guard", "is_offline", "is_download_error", "fixes_text", "unreachable"]
+# seconds; used inside download_guard unless HF_HUB_ETAG_TIMEOUT / HF_HUB_DOWNLOAD_TIMEOUT are set
+_HUB_TIMEOUTS = {"HF_HUB_ETAG_TIMEOUT": 5, "HF_HUB_DOWNLOAD_TIMEOUT": 10}
+
+
+def cache_dir() -> str:
+    """Where repa keeps downloaded and built models: ``$REPA_CACHE``, else ``~/.cache/repa``."""
+    return os.environ.get("REPA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "repa")
 
 
 class ModelDownloadError(RuntimeError):
@@ -123,6 +131,21 @@ def unreachable(url: str, timeout: float = 3.0) -> str | None:
 
 
 @contextlib.contextmanager
+def _short_hub_timeouts():
+    """huggingface_hub reads these constants at call time: shorten them for the block, then restore."""
+    from huggingface_hub import constants
+    before = {k: getattr(constants, k) for k in _HUB_TIMEOUTS}
+    for k, v in _HUB_TIMEOUTS.items():
+        if not os.environ.get(k):
+            setattr(constants, k, v)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            setattr(constants, k, v)
+
+
+@contextlib.contextmanager
 def _offline_hub():
     """Run the block with huggingface_hub in offline mode (cache only, no network, no retries)."""
     from huggingface_hub import constants
@@ -147,7 +170,7 @@ def download_guard(model: str, local_hint: str, hub: bool = True):
         from huggingface_hub import constants
         dead = unreachable(constants.ENDPOINT)
     try:
-        with (_offline_hub() if dead else contextlib.nullcontext()):
+        with (_offline_hub() if dead else contextlib.nullcontext()), _short_hub_timeouts():
             yield
     except ModelDownloadError:
         raise
@@ -170,3 +193,26 @@ def _first_line(err: BaseException, limit: int = 300) -> str:
     text = str(err).strip().splitlines()
     line = text[0] if text else ""
     return line[:limit]
+
+
+def download_file(url: str, dest: str, *, sha256: str | None = None, hash_prefix: str | None = None,
+                  what: str = "file", local_hint: str = "") -> str:
+    """Download ``url`` to ``dest`` atomically and check its SHA-256 (full ``sha256`` or a ``hash_prefix``).
+
+    ``torch.hub.download_url_to_file`` writes a temp file beside ``dest``, compares the digest's first
+    ``len(prefix)`` hex digits (all 64 for a full ``sha256``) and renames; a wrong hash deletes the temp file. Failures raise :class:`ModelDownloadError` naming ``what``,
+    the URL and ``local_hint`` (where to put a copy by hand). The file ends up with the umask's mode.
+    """
+    import torch.hub  # torch is a dependency of every stage; imported here to keep this module light
+
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(url, dest, hash_prefix=(sha256 or hash_prefix), progress=False)
+    except Exception as err:  # noqa: BLE001 - every failure becomes one message naming the file and the fix
+        raise ModelDownloadError(f"Could not download {what} from {url} to {dest}: {type(err).__name__}: "
+                                 f"{_first_line(err)}. Download it by hand and {local_hint or f'put it at {dest}'}."
+                                 ) from err
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(dest, 0o666 & ~umask)  # download_url_to_file's NamedTemporaryFile is 0600
+    return dest
