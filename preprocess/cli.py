@@ -62,9 +62,16 @@ def _human(n: float) -> str:
 @click.option("--storage-options", default=None, help="JSON dict for fsspec (object stores), e.g. "
               "'{\"client_kwargs\": {\"endpoint_url\": \"http://127.0.0.1:9000\"}}'.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--verify/--no-verify", default=True,
+              help="On a rerun, read every finished shard once (sha256 + each record's CRC) and rewrite those "
+                   "that fail.")
+@click.option("--requeue-signal", default="USR1",
+              help="Signal that, like SIGTERM/SIGINT, stops the run cleanly (exit 0, rerun to resume); none to "
+                   "disable (SLURM: --signal=B:USR1@120).")
 def main(source, res, out, data_dir, split, image_column, label_column, streaming, num_classes, vae, enc_type,
          precision, vae_precision, feature_codec, flip, haste, shard_size, seed, limit, no_exif_transpose,
-         skip_bad, batch_size, num_workers, compile_, device, storage_options, no_progress):
+         skip_bad, batch_size, num_workers, compile_, device, storage_options, no_progress, verify,
+         requeue_signal):
     try:
         so = json.loads(storage_options) if storage_options else None
     except ValueError as e:
@@ -75,7 +82,7 @@ def main(source, res, out, data_dir, split, image_column, label_column, streamin
                    feature_codec=feature_codec, flip=flip, haste=haste, shard_size=shard_size, seed=seed,
                    limit=limit, exif_transpose=not no_exif_transpose, skip_bad=skip_bad, batch_size=batch_size,
                    num_workers=num_workers, compile=compile_, device=device, storage_options=so,
-                   progress=not no_progress)
+                   progress=not no_progress, verify=verify, requeue_signal=requeue_signal)
     echo = lambda msg: click.echo(msg, err=True)  # noqa: E731
     try:
         s = run(opts, echo=echo)
@@ -86,7 +93,10 @@ def main(source, res, out, data_dir, split, image_column, label_column, streamin
         if type(e).__name__ in ("SourceError", "ModelDownloadError", "ManifestError"):
             raise click.ClickException(str(e)) from e
         raise
-    if "records" in s:
+    if s.get("stopped"):
+        click.echo(f"stopped by {s['stopped']}: {s['out']}: {s['shards_written']} shards written by this run; "
+                   "rerun the same command to finish")
+    elif "records" in s:
         click.echo(
             f"done: {s['out']}: {s['records']} records in {s['shards']} shards, {_human(s['bytes'])} "
             f"({_human(s['bytes_per_record'])}/record), {s['seconds']:.1f} s "

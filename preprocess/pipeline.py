@@ -34,19 +34,19 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from .crop import adm_center_crop, check_resolution
+from .resume import SETTINGS_FILE, PreprocessError
+from .resume import join as _join
+from .resume import read_json as _read_json
+from .resume import write_json as _write_json
 from .sources import Source, open_source
+from .stop import StopFlag, parse_signal
 
-SETTINGS_FILE = "preprocess.json"
 SKIP_DIR = "preprocess-skipped"
 SHARD_PREFIX = "shard"
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 FEATURE_CODECS = ("bf16", "fp16", "fp32", "int8")
 
 __all__ = ["Options", "PreprocessError", "run", "shard_plan", "shard_name", "default_out"]
-
-
-class PreprocessError(RuntimeError):
-    """A run cannot start or continue; the message names the file/flag and what to do."""
 
 
 @dataclass
@@ -80,6 +80,8 @@ class Options:
     device: str | None = None
     storage_options: dict | None = None
     progress: bool = True
+    verify: bool = True              # resume: fully verify the finished shards, rewrite those that fail
+    requeue_signal: str | None = "USR1"  # stops cleanly like SIGTERM/SIGINT (SLURM --signal=B:USR1@120)
     # test hook: called with the shard index after each shard is closed (lets tests simulate a crash)
     on_shard_done: Callable[[int], None] | None = field(default=None, repr=False, compare=False)
 
@@ -102,32 +104,6 @@ def shard_plan(n: int, shard_size: int, *, shuffle: bool, seed: int) -> list[np.
     """Global keys of every shard, in write order: a seeded permutation (or identity) cut into chunks."""
     order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
     return [order[i: i + shard_size] for i in range(0, n, shard_size)]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# small JSON files next to the shards (local paths and object-store URLs, via shards.storage)
-
-def _read_json(url: str, storage_options: dict | None) -> Any | None:
-    from repa.shards import storage
-    if storage.size(url, storage_options) is None:
-        return None
-    try:
-        return json.loads(storage.read_bytes(url, storage_options))
-    except ValueError as e:
-        raise PreprocessError(f"{url} is not valid JSON ({e}); delete it, or choose another --out") from e
-
-
-def _write_json(url: str, obj: Any, storage_options: dict | None) -> None:
-    """Atomic (temp file + os.replace locally, one PUT on object stores)."""
-    from repa.shards import storage
-    storage.write_bytes(url, json.dumps(obj, indent=1, sort_keys=True).encode(), storage_options)
-
-
-def _join(url: str, *parts: str) -> str:
-    from repa.shards import storage
-    for p in parts:
-        url = storage.join(url, p)
-    return url
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -410,29 +386,13 @@ class _ShardWriters(threading.Thread):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# setup: settings, source, the output folder
 
-def _settings(opts: Options, device: torch.device) -> dict:
+def _settings(opts: Options) -> dict:
     d = {k: getattr(opts, k) for k in FINGERPRINT}
     if d["data_dir"]:
         d["data_dir"] = os.path.abspath(d["data_dir"])
-    return {"settings": d, "format": "repa-preprocess/1"}
-
-
-def _check_settings(out: str, mine: dict, storage_options) -> None:
-    url = _join(out, SETTINGS_FILE)
-    theirs = _read_json(url, storage_options)
-    if theirs is None:
-        from repa.shards import storage
-        if storage.size(_join(out, "manifest.json"), storage_options) is not None:
-            raise PreprocessError(f"{out} already holds a shard set (manifest.json) not made by this "
-                                  f"repa-preprocess version ({SETTINGS_FILE} missing); choose another --out")
-        return
-    if theirs != mine:
-        a, b = theirs.get("settings", {}), mine["settings"]
-        diff = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-        raise PreprocessError(
-            f"{url} was written with different settings ({'; '.join(diff) or 'format'}); resuming would mix "
-            f"two datasets. Rerun with the original flags, choose another --out, or delete {out} to start over")
+    return d
 
 
 def _resolve(opts: Options, device: torch.device) -> Options:
@@ -449,6 +409,7 @@ def _resolve(opts: Options, device: torch.device) -> Options:
         raise PreprocessError("--shard-size and --batch-size must be >= 1")
     if opts.limit is not None and opts.limit < 1:
         raise PreprocessError("--limit must be >= 1")
+    parse_signal(opts.requeue_signal)
     return opts
 
 
@@ -461,19 +422,6 @@ def _device(opts: Options, dist: Dist) -> torch.device:
     return torch.device("cpu")
 
 
-def _remove_stale(out: str, names: list[str], storage_options) -> None:
-    """Delete temp files that killed runs left for the shards about to be redone (local output only;
-    object-store shards are staged in the local temp dir and uploaded in one put)."""
-    from repa.shards import storage
-    from repa.shards.writer import TMP_MARK
-    if storage.is_remote(out):
-        return
-    prefixes = tuple(n + TMP_MARK for n in names)
-    for entry in storage.listdir(out, storage_options):
-        if entry.startswith(prefixes):
-            storage.remove(storage.join(out, entry), storage_options)
-
-
 def _num_images(source: Source, limit: int | None) -> int:
     try:
         n = len(source)
@@ -481,52 +429,116 @@ def _num_images(source: Source, limit: int | None) -> int:
         if limit is None:
             raise
         return limit
-    return min(n, limit) if limit else n
+    n = min(n, limit) if limit else n
+    if n < 1:
+        raise PreprocessError(f"no images found in {source.spec}: nothing to preprocess. Check the source "
+                              "(path, --split, --data-dir) and rerun")
+    return n
 
+
+def _open(opts: Options) -> tuple[Source, int, str]:
+    source = open_source(opts.source, data_dir=opts.data_dir, split=opts.split, image_column=opts.image_column,
+                         label_column=opts.label_column, streaming=opts.streaming, num_classes=opts.num_classes,
+                         skip_bad=opts.skip_bad, res=opts.res)
+    source.exif_transpose = opts.exif_transpose
+    n = _num_images(source, opts.limit)
+    return source, n, opts.out or default_out(source, opts.res)
+
+
+def _take_output(out: str, opts: Options, fp: dict, listing, dist: Dist, echo) -> tuple[Any, dict]:
+    """Rank 0: refuse a folder that is not ours, take the lock, clean up killed writers' temps, refuse a
+    rerun that would mix datasets. Every rank learns whether rank 0 succeeded. -> (lock or None, record)."""
+    from . import resume
+    record = resume.settings_record(_settings(opts), fp)
+    lock, err = None, None
+    if dist.rank == 0:
+        try:
+            resume.check_ours(out, opts.storage_options)
+            lock = resume.take_lock(out, opts.storage_options, echo)
+            resume.cleanup(out, opts.storage_options)
+            resume.check_resume(out, record, listing, opts.storage_options, echo)
+        except BaseException as e:
+            if lock is not None:
+                lock.release()
+            if not isinstance(e, PreprocessError):
+                raise
+            err = e
+    if not dist.broadcast_ok(err is None):
+        raise err or PreprocessError(f"rank 0 refused to write into {out}; see its error message")
+    return lock, record
+
+
+def _resume_plan(out, plan, fields, opts: Options, dist: Dist, echo) -> list[int]:
+    """After the settings are written: verify (and drop) finished shards of this rank, -> shards to do."""
+    from repa.shards import completed_shards
+
+    from .resume import repair
+    so = opts.storage_options
+    done = completed_shards(out, storage_options=so)
+    own = {shard_name(j) for j in range(len(plan)) if j % dist.world == dist.rank}
+    if opts.verify and done:
+        repair(out, {k: v for k, v in done.items() if k in own}, fields, so, echo,
+               progress=opts.progress and dist.rank == 0)
+        done = completed_shards(out, storage_options=so)
+    return [j for j in range(len(plan)) if shard_name(j) in own and shard_name(j) not in done]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the pass
 
 def run(opts: Options, echo: Callable[[str], None] = print) -> dict:
-    """Run (or resume) the pass; returns the summary dict (rank 0: whole set; other ranks: their part)."""
+    """Run (or resume) the pass; returns the summary dict (rank 0: whole set; other ranks: their part).
+
+    A stop signal (SIGTERM, SIGINT, --requeue-signal) ends it early: the summary then has "stopped" (the
+    signal's name) and no manifest is written; the same command finishes the set."""
     t0 = time.time()
     dist = init_dist()
     device = _device(opts, dist)
     opts = _resolve(opts, device)
-    source = open_source(opts.source, data_dir=opts.data_dir, split=opts.split, image_column=opts.image_column,
-                         label_column=opts.label_column, streaming=opts.streaming, num_classes=opts.num_classes)
-    source.exif_transpose = opts.exif_transpose
-    n = _num_images(source, opts.limit)
-    out = opts.out or default_out(source, opts.res)
-    so = opts.storage_options
-    settings = _settings(opts, device)
+    source, n, out = _open(opts)
+    from .resume import source_identity, write_settings
+    fp, listing = source_identity(source) if dist.rank == 0 else ({}, None)
+    lock, record = _take_output(out, opts, fp, listing, dist, echo)
+    try:
+        models = Models(opts, device)  # before the settings are written: a failed load leaves nothing behind
+        fields = _fields(opts, models(torch.zeros(1, 3, opts.res, opts.res, dtype=torch.uint8)))
+        if dist.rank == 0:
+            write_settings(out, record, listing, opts.storage_options)
+        dist.barrier()
+        plan = shard_plan(n, opts.shard_size, shuffle=source.indexable, seed=opts.seed)
+        mine = _resume_plan(out, plan, fields, opts, dist, echo)
+        dist.barrier()
+        summary = _pass(opts, source, n, out, plan, mine, models, fields, device, dist, echo)
+        dist.barrier()
+        summary["seconds"] = time.time() - t0
+        if dist.rank == 0 and not summary["stopped"]:
+            summary.update(_finalize(opts, source, n, out, plan, models, fields))
+        return summary
+    finally:
+        if lock is not None:
+            lock.release()
 
-    # settings fingerprint: rank 0 checks/writes it, the others wait and check
-    err = None
-    if dist.rank == 0:
-        try:
-            _check_settings(out, settings, so)
-            _write_json(_join(out, SETTINGS_FILE), settings, so)
-        except PreprocessError as e:
-            err = e
-    if not dist.broadcast_ok(err is None):
-        raise err or PreprocessError(f"rank 0 refused to resume into {out}; see its error message")
-    dist.barrier()
 
-    from repa.shards import completed_shards, finalize_manifest
-    plan = shard_plan(n, opts.shard_size, shuffle=source.indexable, seed=opts.seed)
-    done = completed_shards(out, storage_options=so)
-    mine = [j for j in range(len(plan)) if j % dist.world == dist.rank and shard_name(j) not in done]
-    _remove_stale(out, [shard_name(j) for j in mine], so)
+def _loader(opts: Options, source: Source, n: int, keys: np.ndarray, device, stop: StopFlag) -> DataLoader:
+    if source.indexable:
+        ds = _MapImages(source, keys, opts.res)
+    else:
+        mask = np.zeros(n, dtype=bool)
+        mask[keys] = True
+        ds = _StreamImages(source, mask, opts.res, opts.batch_size)
+    n_workers = opts.num_workers if opts.num_workers is not None else min(8, os.cpu_count() or 1)
+    return DataLoader(ds, batch_size=opts.batch_size, shuffle=False, num_workers=n_workers, collate_fn=_collate,
+                      pin_memory=device.type == "cuda", prefetch_factor=4 if n_workers else None,
+                      persistent_workers=False, worker_init_fn=stop.worker_init() if n_workers else None)
 
-    models = Models(opts, device)
-    probe = models(torch.zeros(1, 3, opts.res, opts.res, dtype=torch.uint8))
-    fields = _fields(opts, probe)
 
+def _pass(opts, source, n, out, plan, mine, models, fields, device, dist, echo) -> dict:
+    """Compute and write the shards `mine`; -> this rank's summary (records/bytes/shards written, stopped)."""
     keys = np.concatenate([plan[j] for j in mine]) if mine else np.zeros(0, np.int64)
-    n_todo = len(keys)
     shard_index = np.full(n, -1, dtype=np.int64)
     for j, ks in enumerate(plan):
         shard_index[ks] = j
     size_of = {j: len(plan[j]) for j in mine}
-    n_workers = opts.num_workers if opts.num_workers is not None else min(8, os.cpu_count() or 1)
     written = {"records": 0, "bytes": 0, "shards": 0}
 
     def closed(j, info):
@@ -537,77 +549,84 @@ def run(opts: Options, echo: Callable[[str], None] = print) -> dict:
             opts.on_shard_done(j)
 
     writer = _ShardWriters(opts, out, fields, lambda k: int(shard_index[k]), size_of, closed)
-    skipped_now: list = []
-    loop_seconds = 0.0
-    if n_todo:
-        if source.indexable:
-            ds = _MapImages(source, keys, opts.res)
-        else:
-            mask = np.zeros(n, dtype=bool)
-            mask[keys] = True
-            ds = _StreamImages(source, mask, opts.res, opts.batch_size)
-        loader = DataLoader(ds, batch_size=opts.batch_size, shuffle=False, num_workers=n_workers,
-                            collate_fn=_collate, pin_memory=device.type == "cuda",
-                            prefetch_factor=4 if n_workers else None, persistent_workers=False)
-        from tqdm.auto import tqdm
-        bar = tqdm(total=n_todo, unit="img", desc=f"repa-preprocess {out}",
-                   disable=not opts.progress or dist.rank != 0, smoothing=0.05)
-        writer.start()
-        t_loop = time.time()
-        try:
-            for batch in loader:
-                for key, path, msg in batch["errors"]:
-                    if not opts.skip_bad:
-                        raise PreprocessError(f"cannot read image {path}: {msg}\nFix or remove the file, or rerun "
-                                              "the same command with --skip-bad to skip and report bad images")
-                    echo(f"skipping bad image {path}: {msg}")
-                    skipped_now.append(path)
-                arrays = {}
-                if batch["images"] is not None:
-                    arrays = models(batch["images"])
-                writer.put((batch["ok_keys"], batch["labels"], arrays, batch["errors"]))
-                bar.update(len(batch["keys"]))
-            writer.finish()
-            loop_seconds = time.time() - t_loop
-        except BaseException:
-            writer.cancel()
-            writer.abort()
-            raise
-        finally:
-            bar.close()
-        if writer.open:  # only a stream shorter than announced / than --limit gets here
+    loop = {"seconds": 0.0, "skipped": 0, "stopped": None}
+    if len(keys):
+        with StopFlag(parse_signal(opts.requeue_signal)) as stop:
+            loop = _loop(opts, _loader(opts, source, n, keys, device, stop), models, writer, stop, out,
+                         len(keys), dist, echo)
+        if not loop["stopped"] and writer.open:  # only a stream shorter than announced / than --limit
             missing = sum(size_of[j] - writer.seen[j] for j in writer.open)
             writer.abort()
             raise PreprocessError(f"{source.spec}: the source ended {missing} images short of the {n} planned "
                                   f"(--limit or the announced size); rerun with a smaller --limit into a new --out")
+    if loop["stopped"]:
+        echo(f"stopped by {loop['stopped']}: {written['shards']} shards finished by this run are kept, the "
+             f"unfinished ones were dropped; rerun the same command to finish {out}")
+    return {"out": out, "records_written": written["records"], "bytes_written": written["bytes"],
+            "shards_written": written["shards"], "loop_seconds": loop["seconds"],
+            "images_per_s": len(keys) / loop["seconds"] if loop["seconds"] else 0.0,
+            "skipped_this_run": loop["skipped"], "stopped": loop["stopped"]}
 
-    dist.barrier()
-    summary = {"out": out, "records_written": written["records"], "bytes_written": written["bytes"],
-               "shards_written": written["shards"], "seconds": time.time() - t0,
-               "loop_seconds": loop_seconds, "images_per_s": n_todo / loop_seconds if loop_seconds else 0.0,
-               "skipped_this_run": len(skipped_now)}
-    if dist.rank == 0:
-        skipped = _check_complete(out, plan, so)
-        vae_prov, teacher_prov = models.provenance()
-        provenance = {
-            "source": opts.source, "resolution": opts.res, "crop": "adm", "vae": vae_prov,
-            "latent_size": int(fields["moments"].shape[-1]), "teachers": teacher_prov,
-            "num_classes": int(source.num_classes), "flip": bool(opts.flip),
-            "haste": ({"teacher": 0, "start_block": models.haste_block,
-                       "attn_blocks": list(range(models.haste_block, models.teachers[0].depth))}
-                      if opts.haste else None),
-            "skipped": skipped, "repa_version": _version(),
-            "precision": {"vae": opts.vae_precision, "teachers": opts.precision},
-            "order": {"shuffled": bool(source.indexable), "seed": opts.seed, "records_per_shard": opts.shard_size},
-        }
-        # with skipped images the key set has holes: _check_complete did the accounting per shard
-        manifest = finalize_manifest(out, fields, provenance, expected_records=None if skipped else n,
-                                     storage_options=so)
-        total = sum(s.nbytes for s in manifest.shards)
-        summary.update(records=manifest.num_records, bytes=total,
-                       bytes_per_record=total / max(1, manifest.num_records), skipped=len(skipped),
-                       shards=len(manifest.shards))
-    return summary
+
+def _loop(opts, loader, models, writer, stop: StopFlag, out, n_todo, dist, echo) -> dict:
+    """Batches -> models -> writer thread. A bad image (strict) or a stop signal ends it after the batches
+    already handed to the writer are written; unfinished shards are then dropped."""
+    from tqdm.auto import tqdm
+    bar = tqdm(total=n_todo, unit="img", desc=f"repa-preprocess {out}",
+               disable=not opts.progress or dist.rank != 0, smoothing=0.05)
+    bad, skipped, t = None, 0, time.time()
+    writer.start()
+    try:
+        for batch in loader:
+            if batch["errors"] and not opts.skip_bad:
+                bad = batch["errors"][0]
+                break
+            for key, path, msg in batch["errors"]:
+                echo(f"skipping bad image {path}: {msg}")
+                skipped += 1
+            arrays = models(batch["images"]) if batch["images"] is not None else {}
+            writer.put((batch["ok_keys"], batch["labels"], arrays, batch["errors"]))
+            bar.update(len(batch["keys"]))
+            if stop.signum:
+                break
+        writer.finish()  # what was handed over is written: shards it completes are published
+    except BaseException:
+        writer.cancel()
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+    if bad is not None or stop.signum:
+        writer.abort()  # the unfinished shards: only their temp files existed
+    if bad is not None:
+        from .resume import bad_image_error
+        raise bad_image_error(bad[1], bad[2], out, opts.storage_options)
+    return {"seconds": time.time() - t, "skipped": skipped, "stopped": stop.name}
+
+
+def _finalize(opts, source, n, out, plan, models, fields) -> dict:
+    """Rank 0, once every shard is there: check the accounting and write the manifest."""
+    from repa.shards import finalize_manifest
+    so = opts.storage_options
+    skipped = _check_complete(out, plan, so)
+    vae_prov, teacher_prov = models.provenance()
+    provenance = {
+        "source": opts.source, "resolution": opts.res, "crop": "adm", "vae": vae_prov,
+        "latent_size": int(fields["moments"].shape[-1]), "teachers": teacher_prov,
+        "num_classes": int(source.num_classes), "flip": bool(opts.flip),
+        "haste": ({"teacher": 0, "start_block": models.haste_block,
+                   "attn_blocks": list(range(models.haste_block, models.teachers[0].depth))}
+                  if opts.haste else None),
+        "skipped": skipped, "repa_version": _version(),
+        "precision": {"vae": opts.vae_precision, "teachers": opts.precision},
+        "order": {"shuffled": bool(source.indexable), "seed": opts.seed, "records_per_shard": opts.shard_size},
+    }
+    # with skipped images the key set has holes: _check_complete did the accounting per shard
+    manifest = finalize_manifest(out, fields, provenance, expected_records=None if skipped else n,
+                                 storage_options=so)
+    total = sum(s.nbytes for s in manifest.shards)
+    return {"records": manifest.num_records, "bytes": total, "bytes_per_record": total / max(1, manifest.num_records),
+            "skipped": len(skipped), "shards": len(manifest.shards)}
 
 
 def _check_complete(out: str, plan: list[np.ndarray], so) -> list[dict]:
