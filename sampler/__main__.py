@@ -1,4 +1,4 @@
 """python -m repa.sampler  ==  repa-sample (repa-eval is python -m repa.sampler.eval_cli)."""
 from repa.sampler.sample_cli import cli
 
-raise SystemExit(cli())
+cli(prog_name="repa-sample")

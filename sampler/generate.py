@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
@@ -65,6 +67,10 @@ class SamplingSpec:
             raise ValueError(f"--num-fid-samples must be >= 1, got {self.num_samples}")
         if self.num_steps < 1:
             raise ValueError(f"--num-steps must be >= 1, got {self.num_steps}")
+        if self.guidance_low > self.guidance_high:
+            raise ValueError(f"--guidance-low {self.guidance_low} is above --guidance-high {self.guidance_high}: "
+                             "guidance would never be active; give low <= high (the interval of t where CFG "
+                             "applies, default 0 to 1)")
         if self.cfg_scale < 1.0:
             raise ValueError(f"--cfg-scale must be >= 1 (1 = no guidance), got {self.cfg_scale}")
         if self.label_sampling not in ("uniform", "balanced"):
@@ -180,34 +186,194 @@ def pending_indices(folder: str, num: int, info: DistInfo) -> list[int]:
     return _broadcast(todo, info)
 
 
-def prepare_folder(folder: str, identity: dict, info: DistInfo) -> None:
-    """Create the sample folder, or check that an existing one was made with the same settings (resume)."""
-    err = None
-    if info.rank == 0:
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, "sampling.json")
-        if os.path.isfile(path):
-            with open(path) as f:
+FOLDER_FORMAT = "repa-sample-folder/1"  # marks a sampling.json (and so its folder) as written by repa-sample
+RECORD = "sampling.json"
+
+
+class FolderRefused(ValueError):
+    """The sample folder cannot be used: not ours, made with other settings, or held by another run."""
+
+
+def _not_ours(folder: str) -> str | None:
+    """Why an existing ``folder`` is not a repa-sample folder we may resume (None if it is ours or empty)."""
+    from repa.shards.lock import LOCK_NAME
+
+    names = sorted(n for n in os.listdir(folder) if n != LOCK_NAME)
+    record = os.path.join(folder, RECORD)
+    if os.path.isfile(record):
+        try:
+            with open(record) as f:
                 old = json.load(f)
-            if old != json.loads(json.dumps(identity)):
-                diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
-                err = (f"{folder}: holds samples made with different settings ({', '.join(diff)} differ, see "
-                       f"{path}); use another --sample-dir or delete that folder")
+        except (ValueError, OSError):
+            old = None
+        if isinstance(old, dict) and old.get("format") == FOLDER_FORMAT:
+            return None
+        return f"{record} was not written by repa-sample"
+    if names:
+        return (f"it exists, holds files not written by repa-sample ({', '.join(names[:3])}"
+                f"{', ...' if len(names) > 3 else ''}) and no {RECORD} of ours")
+    return None
+
+
+def _settings_differ(folder: str, identity: dict) -> str | None:
+    """None if the folder's record equals ``identity``; else which settings differ."""
+    path = os.path.join(folder, RECORD)
+    with open(path) as f:
+        old = json.load(f)
+    new = json.loads(json.dumps(identity))
+    if old == new:
+        return None
+    diff = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diff += [f"{k}.{j}" for j in sorted(set(a) | set(b)) if a.get(j) != b.get(j)]
+        elif a != b:
+            diff.append(k)
+    return (f"{folder}: holds samples made with different settings ({', '.join(diff)} differ, see {path}); "
+            f"use another --sample-dir or delete that folder")
+
+
+def _remove_our_temp_files(folder: str) -> None:
+    """Temp files of killed runs: any in our folder, and those of our npz/json/grid beside it. Never read
+    (PNGs are found by their final names); other files, however named, are not touched."""
+    for name in os.listdir(folder):
+        if is_temp_name(name):
+            os.remove(os.path.join(folder, name))
+    parent, base = os.path.split(os.path.abspath(folder))
+    ours = {f"{base}.npz", f"{base}.json", f"{base}-grid.png"}
+    for name in os.listdir(parent):
+        if any(is_temp_name(name, of=o) for o in ours):
+            os.remove(os.path.join(parent, name))
+
+
+def _claim_folder(folder: str, identity: dict):
+    """Rank 0: lock the folder, then check and write its record under the lock. Returns the held lock."""
+    from repa.shards.lock import LockHeld, OutputLock
+
+    why = _not_ours(folder) if os.path.isdir(folder) else None  # before the lock: add nothing to others' folders
+    if why:
+        raise FolderRefused(f"{folder}: {why}; refusing to write into it. Use another --sample-dir, or move "
+                            f"those files away")
+    os.makedirs(folder, exist_ok=True)
+    lock = OutputLock(folder, stage="repa-sample")
+    try:
+        lock.acquire()
+    except LockHeld as e:
+        raise FolderRefused(f"{folder}: {e}") from None
+    try:
+        if lock.previous:
+            print(f"repa-sample: warning: took over the lock of a run that did not finish: {lock.previous}",
+                  file=sys.stderr)
+        why = _not_ours(folder)  # again, now that no other run can write
+        if why:
+            raise FolderRefused(f"{folder}: {why}; refusing to write into it. Use another --sample-dir")
+        if os.path.isfile(os.path.join(folder, RECORD)):
+            err = _settings_differ(folder, identity)
+            if err:
+                raise FolderRefused(err)
         else:
-            atomic_write_bytes(path, json.dumps(identity, indent=2, sort_keys=True).encode())
-        if err is None:  # temp files of a killed run (never read: PNGs are found by their final names)
-            for name in os.listdir(folder):
-                if is_temp_name(name):
-                    os.remove(os.path.join(folder, name))
+            atomic_write_bytes(os.path.join(folder, RECORD), json.dumps(identity, indent=2, sort_keys=True).encode())
+        _remove_our_temp_files(folder)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def prepare_folder(folder: str, identity: dict, info: DistInfo):
+    """Create or resume the sample folder (rank 0 locks it; the other ranks wait). Returns rank 0's lock.
+
+    Refused (FolderRefused on every rank): a folder that is not ours, one recorded with other settings or
+    another checkpoint (identity: experiment, step, weights hash), or one another run is writing.
+    """
+    identity = dict(identity, format=FOLDER_FORMAT)
+    err, lock = None, None
+    if info.rank == 0:
+        try:
+            lock = _claim_folder(folder, identity)
+        except FolderRefused as e:
+            err = str(e)
     err = _broadcast(err, info)  # also the sync point: no rank writes before rank 0 has cleaned up
     if err:
-        raise ValueError(err)
+        raise FolderRefused(err)
+    return lock
+
+
+class StopSignals:
+    """SIGTERM / SIGINT (pre-emption, Ctrl-C) and SIGUSR1 (SLURM's warning before a requeue) ask the run to stop:
+    the batch in flight is abandoned, finished PNGs are kept, and a rerun resumes. A second signal of the same
+    kind acts as it would without us (so a second Ctrl-C interrupts at once)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: str | None = None
+        self.previous = {}
+
+    def install(self) -> "StopSignals":
+        for sig in self.SIGNALS:
+            try:
+                self.previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread (a notebook worker): no pre-emption handling
+                pass
+        return self
+
+    def _handler(self, signum, frame):
+        self.received = self.received or signal.Signals(signum).name
+        signal.signal(signum, self.previous.get(signum, signal.SIG_DFL))
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+
+class _Stopped(Exception):
+    pass
+
+
+class _StopGuard:
+    """The model, refusing to run once a stop was requested: abandons a batch within one model call."""
+
+    def __init__(self, model, stop: StopSignals | None):
+        self.module, self.stop = model, stop  # ``module``: the solvers find the SiT (null class) through it
+
+    def __call__(self, *args, **kwargs):
+        if self.stop is not None and self.stop.received:
+            raise _Stopped
+        return self.module(*args, **kwargs)
+
+
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """True on every rank if ``flag`` is true on any (one collective call per rank)."""
+    if info.world == 1 or not torch.distributed.is_initialized():
+        return bool(flag)
+    t = torch.tensor([int(bool(flag))], device=info.device if info.device.type == "cuda" else "cpu")
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _solve(model, spec: SamplingSpec, idx: list[int], labels: np.ndarray, device) -> torch.Tensor:
+    """Latents of samples ``idx``: per-index noise (and SDE noise), then the ODE/SDE solver."""
+    kw = dict(num_steps=spec.num_steps, cfg_scale=spec.cfg_scale, guidance_low=spec.guidance_low,
+              guidance_high=spec.guidance_high, path_type=spec.path_type, null_class=spec.null_class)
+    z = initial_noise(idx, spec.global_seed, spec.latent_shape).to(device)
+    y = torch.from_numpy(labels[idx]).to(device)
+    if spec.mode == "sde":
+        gens = [sample_generator(spec.global_seed, i, STREAM_SDE) for i in idx]
+        return euler_maruyama_sampler(model, z, y, noise_generators=gens, **kw)
+    return euler_sampler(model, z, y, heun=spec.heun, **kw)
 
 
 @torch.no_grad()
 def generate_pngs(model, decoder: LatentDecoder, spec: SamplingSpec, folder: str, labels: np.ndarray,
-                  info: DistInfo, batch_size: int, progress: bool = True) -> int:
-    """Generate this rank's share of the missing samples of ``folder``; returns how many it wrote."""
+                  info: DistInfo, batch_size: int, progress: bool = True, stop: StopSignals | None = None) -> int:
+    """Generate this rank's share of the missing samples of ``folder``; returns how many PNGs it wrote.
+
+    Once ``stop.received`` is set, the batch in flight is abandoned at its next model call (its samples are
+    simply not written), the PNGs already handed to the writer threads are finished, and the function returns.
+    """
     todo = pending_indices(folder, spec.num_samples, info)
     mine = todo[info.rank::info.world]
     batches = [mine[k:k + batch_size] for k in range(0, len(mine), batch_size)]
@@ -215,25 +381,21 @@ def generate_pngs(model, decoder: LatentDecoder, spec: SamplingSpec, folder: str
     if progress and info.rank == 0 and batches:
         from tqdm.auto import tqdm
         it = tqdm(batches, desc=f"sampling ({len(todo)} to go on {info.world} proc)", unit="batch")
-    kw = dict(num_steps=spec.num_steps, cfg_scale=spec.cfg_scale, guidance_low=spec.guidance_low,
-              guidance_high=spec.guidance_high, path_type=spec.path_type, null_class=spec.null_class)
+    guarded = _StopGuard(model, stop)
     futures = []
     with ThreadPoolExecutor(max_workers=2) as pool:  # PNG encoding releases the GIL: overlap it with sampling
         for idx in it:
-            z = initial_noise(idx, spec.global_seed, spec.latent_shape).to(info.device)
-            y = torch.from_numpy(labels[idx]).to(info.device)
-            if spec.mode == "sde":
-                gens = [sample_generator(spec.global_seed, i, STREAM_SDE) for i in idx]
-                out = euler_maruyama_sampler(model, z, y, noise_generators=gens, **kw)
-            else:
-                out = euler_sampler(model, z, y, heun=spec.heun, **kw)
+            try:
+                out = _solve(guarded, spec, idx, labels, info.device)
+            except _Stopped:
+                break
             images = decoder(out.to(torch.float32))
             futures += [pool.submit(save_png, png_path(folder, i), img) for i, img in zip(idx, images)]
             for f in [f for f in futures if f.done()]:
                 f.result()
         for f in futures:
             f.result()
-    return len(mine)
+    return len(futures)
 
 
 def finalize_outputs(folder: str, spec: SamplingSpec, labels: np.ndarray, record: dict,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
 import json
 import os
 import pickle
@@ -35,7 +36,7 @@ import urllib.request
 import torch
 
 __all__ = ["load_sampling_model", "safe_torch_load", "infer_sit_kwargs", "CheckpointError", "OFFICIAL_URL",
-           "official_checkpoint_path"]
+           "official_checkpoint_path", "state_dict_sha256"]
 
 # The URL REPA's utils.download_model fetches for the released SiT-XL/2 (4M iterations) checkpoint.
 OFFICIAL_URL = ("https://www.dl.dropboxusercontent.com/scl/fi/cxedbs4da5ugjq5wg3zrg/last.pt"
@@ -89,6 +90,32 @@ def safe_torch_load(path: str):
             f"convert it to a plain state dict (or safetensors) in a trusted environment.") from None
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({e})") from e
+
+
+def state_dict_sha256(sd: dict) -> str:
+    """SHA-256 over the sorted keys, dtypes, shapes and raw bytes of a state dict: the identity of the weights.
+
+    Hashing the tensors (not the file) gives one answer for every checkpoint kind and names exactly what was
+    loaded; it reads each byte once (about a second per GB), small next to sampling itself.
+    """
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        t = sd[k].detach()
+        h.update(f"{k}\0{str(t.dtype).removeprefix('torch.')}\0{tuple(t.shape)}\0".encode())
+        h.update(t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def _experiment_of(ckpt: str, config: dict) -> str:
+    """The repa-train experiment a checkpoint folder belongs to: its recorded --exp-name, else the folder above
+    ``checkpoints/`` (``<output_dir>/<exp_name>/checkpoints/<step>``), else the checkpoint folder's name."""
+    name = (config.get("args") or {}).get("exp_name") if isinstance(config.get("args"), dict) else None
+    if name:
+        return str(name)
+    parent = os.path.dirname(os.path.abspath(ckpt))
+    if os.path.basename(parent) == "checkpoints":
+        return os.path.basename(os.path.dirname(parent))
+    return os.path.basename(os.path.abspath(ckpt))
 
 
 def _strip_prefixes(sd: dict) -> dict:
@@ -202,11 +229,14 @@ def _load_dir(path: str, fused_attn, device, weights: str):
     wpath = os.path.join(ckpt, f"{weights}.safetensors")
     if not os.path.isfile(wpath):
         raise CheckpointError(f"{wpath}: missing; a repa-train checkpoint folder holds {weights}.safetensors")
-    model, kwargs = _build(kwargs, load_file(wpath), wpath, fused_attn, device)
+    sd = load_file(wpath)
+    digest = state_dict_sha256(sd)
+    model, kwargs = _build(kwargs, sd, wpath, fused_attn, device)
     config = dict(config)
     config["model"] = {"name": config["model"].get("name"), "kwargs": kwargs}
     config["source"] = {"kind": "repa-checkpoint", "path": os.path.abspath(ckpt), "weights": f"{weights}.safetensors",
-                        "step": config.get("step")}
+                        "step": config.get("step"), "experiment": _experiment_of(ckpt, config),
+                        "weights_sha256": digest}
     return model, config
 
 
@@ -267,9 +297,11 @@ def load_sampling_model(path: str, *, model_name: str | None = None, encoder_dep
     kwargs["fused_attn"] = False if fused_attn is None else bool(fused_attn)
     if arg("path_type"):
         kwargs["path_type"] = arg("path_type")
+    digest = state_dict_sha256(sd)
     model, kwargs = _build(kwargs, sd, path, fused_attn, device)
     config = {"model": {"name": name, "kwargs": kwargs}, "data": None,
-              "source": {"kind": kind, "path": os.path.abspath(path), "step": step}}
+              "source": {"kind": kind, "path": os.path.abspath(path), "step": step, "weights": weights if
+                         kind == "reference-train" else None, "weights_sha256": digest}}
     if args is not None:
         config["args"] = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}
     return model, config

@@ -17,32 +17,46 @@ import numpy as np
 from PIL import Image
 
 __all__ = ["save_png", "read_png", "write_images_npz", "load_images_npz", "make_grid", "atomic_write_bytes",
-           "is_temp_name"]
+           "is_temp_name",
+           "temp_path"]
 
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
-def _tmp_path(path: str) -> str:
+_TMP_MARK = ".repa-tmp-"
+
+
+def temp_path(path: str, pid: int | None = None) -> str:
+    """Where ``path`` is written before ``os.replace``: ``.<name>.repa-tmp-<pid>`` in the same folder."""
     d, name = os.path.split(os.path.abspath(path))
-    return os.path.join(d, f".{name}.tmp{os.getpid()}")
+    return os.path.join(d, f".{name}{_TMP_MARK}{os.getpid() if pid is None else int(pid)}")
 
 
-def is_temp_name(name: str) -> bool:
-    """True for a file name made by :func:`_tmp_path` (a write in progress, or left by a killed process)."""
-    return re.fullmatch(r"\..+\.tmp\d+", name) is not None
+def is_temp_name(name: str, of: str | None = None) -> bool:
+    """True for a file name made by :func:`temp_path` (a write in progress, or left by a killed process).
+
+    ``of``: only temp files of that final name. The pattern is anchored at both ends and carries the
+    ``repa-tmp`` mark, so no ordinary user file (``thesis.tmp-2.docx``, ``.bashrc.tmp3``) matches.
+    """
+    m = re.fullmatch(r"\.(.+)" + re.escape(_TMP_MARK) + r"\d+", name)
+    return m is not None and (of is None or m.group(1) == of)
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write bytes to ``path`` via a temporary file and ``os.replace``."""
-    tmp = _tmp_path(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def save_png(path: str, image: np.ndarray) -> None:
     """Save a uint8 (H, W, 3) array as PNG, atomically (a crash never leaves a truncated PNG behind)."""
-    tmp = _tmp_path(path)
+    tmp = temp_path(path)
     try:
         Image.fromarray(image).save(tmp, format="PNG")
         os.replace(tmp, path)
@@ -95,7 +109,7 @@ def write_images_npz(path: str, num: int, image_shape: tuple[int, int, int],
                                  f"{tuple(image_shape)} uint8 (remove stale files from the sample folder)")
             yield img
 
-    tmp = _tmp_path(path)
+    tmp = temp_path(path)
     try:
         with zipfile.ZipFile(tmp, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
             _write_member(zf, "arr_0", (num, *image_shape), np.uint8, images())

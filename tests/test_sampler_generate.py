@@ -2,6 +2,7 @@
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -20,20 +21,24 @@ TINY = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=32, decoder_h
             path_type="linear")
 
 
-def make_checkpoint(root, step=7):
-    """A repa-train style checkpoint folder (docs/CONTRACTS.md) holding a tiny random pixel-space SiT."""
+def make_checkpoint(root, step=7, seed=0, cfg_prob=0.1):
+    """A repa-train style checkpoint folder (docs/CONTRACTS.md) holding a tiny random pixel-space SiT.
+
+    ``root`` plays ``<output_dir>/<exp_name>``; an existing checkpoint at that step is replaced ("retrained")."""
     from repa.trainer.models import SiT
-    torch.manual_seed(0)
-    model = SiT(**TINY)
+    torch.manual_seed(seed)
+    model = SiT(**TINY, class_dropout_prob=cfg_prob)
     for p in model.parameters():
         p.data.add_(torch.randn_like(p) * 0.1)
     d = os.path.join(root, "checkpoints", f"{step:07d}")
+    shutil.rmtree(d, ignore_errors=True)
     os.makedirs(d)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(d, "ema.safetensors"))
     data = {"resolution": 8, "latent_size": 8, "num_classes": 5,
             "vae": {"id": None, "latent_channels": 3, "downsample": 1, "scale": [1.0] * 3, "bias": [0.0] * 3}}
     with open(os.path.join(d, "config.json"), "w") as f:
-        json.dump({"model": {"name": "SiT-tiny/2", "kwargs": TINY}, "data": data, "step": step}, f)
+        json.dump({"model": {"name": "SiT-tiny/2", "kwargs": dict(TINY, class_dropout_prob=cfg_prob)}, "data": data,
+                   "step": step, "args": {"exp_name": os.path.basename(root), "cfg_prob": cfg_prob}}, f)
     return model.eval(), os.path.join(root, "checkpoints")
 
 

@@ -58,7 +58,8 @@ def test_reference_training_checkpoint_with_namespace(model, tmp_path):
                 "args": args, "steps": 400000}, tmp_path / "0400000.pt")
     mm, cfg = load_sampling_model(str(tmp_path / "0400000.pt"), num_heads=4)
     assert _same(model, mm)  # the EMA weights, not "model"
-    assert cfg["source"] == {"kind": "reference-train", "path": str(tmp_path / "0400000.pt"), "step": 400000}
+    assert cfg["source"] == {"kind": "reference-train", "path": str(tmp_path / "0400000.pt"), "step": 400000,
+                             "weights": "ema", "weights_sha256": load_mod.state_dict_sha256(model.state_dict())}
     assert cfg["model"]["kwargs"]["encoder_depth"] == 2 and cfg["args"]["resolution"] == 64
 
 
