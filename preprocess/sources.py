@@ -439,7 +439,10 @@ class HFSource(Source):
                 f"{type(e).__name__}: {e}\nWays out: `huggingface-cli login` (gated datasets such as "
                 f"{IMAGENET_HF} need an accepted licence and a token); HF_HUB_OFFLINE=1 with a filled "
                 f"local cache; or a local copy{hint}.") from e
-        self._ds_fingerprint = getattr(ds, "_fingerprint", None)  # map-style only: before our casts
+        # identity of the data, taken before our casts: map-style datasets have a fingerprint; a stream only
+        # has its data files (private attribute, best effort; hub names carry the revision)
+        self._ds_fingerprint = getattr(ds, "_fingerprint", None)
+        self._data_files = (getattr(getattr(ds, "_ex_iterable", None), "kwargs", None) or {}).get("files")
         features = ds.features
         if features is None and streaming:
             ds = ds._resolve_features()
@@ -532,7 +535,7 @@ class HFSource(Source):
         if self.indexable:
             out["datasets_fingerprint"] = self._ds_fingerprint
         else:
-            files = (getattr(getattr(self.ds, "_ex_iterable", None), "kwargs", None) or {}).get("files")
+            files = self._data_files
             out["data_files"] = (hashlib.sha256("\n".join(map(str, files)).encode()).hexdigest()
                                  if isinstance(files, (list, tuple)) else None)
         return out

@@ -1,5 +1,6 @@
 """Image sources: stable global index, labels, the offline digits set, HF datasets (local parquet)."""
 import io
+import re
 
 import numpy as np
 import pytest
@@ -90,3 +91,104 @@ def test_hf_source(tmp_path, streaming):
         np.testing.assert_array_equal(np.asarray(img), np.asarray(Image.open(io.BytesIO(imgs[k]["bytes"]))))
     with pytest.raises(SourceError, match="--image-column"):
         open_source(f"hf:{tmp_path / 'hf'}", image_column="pixels", streaming=streaming)
+
+
+def _png(path, seed=0, size=(6, 5)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+
+
+def test_imagefolder_symlinks_followed_once(tmp_path):
+    """class/up -> .. made 24 images 984 records (41 copies each): every directory and file is listed once."""
+    root, outside = tmp_path / "data", tmp_path / "elsewhere"
+    for c in ("a", "b", "c"):
+        for i in range(8):
+            _png(root / c / f"{i}.png", seed=ord(c) * 10 + i)
+    (root / "a" / "up").symlink_to("..")                      # a loop back to the root
+    (root / "b" / "deep").mkdir()
+    (root / "b" / "deep" / "loop").symlink_to("..")           # a loop back to b
+    (root / "c" / "alias.png").symlink_to("../a/0.png")       # a second name for a listed file
+    _png(outside / "d" / "x.png", seed=99)
+    (root / "d").symlink_to(outside / "d")                    # a class folder kept on another disk: followed
+    (root / "e").symlink_to("a")                              # a class that is another class: left out
+    (root / "b" / "ext.png").symlink_to(outside / "d" / "x.png")  # same file as d/x.png: listed once
+    src = open_source(f"imagefolder:{root}")
+    want = sorted([str(root / c / f"{i}.png") for c in "abc" for i in range(8)] + [str(root / "d" / "x.png")])
+    assert src.paths == want and len(src) == 25
+    assert src.classes == ["a", "b", "c", "d"] and [src.get(k)[1] for k in (0, 8, 16, 24)] == [0, 1, 2, 3]
+    assert src.repeats == sorted([(str(root / "a" / "up"), str(root)),
+                                  (str(root / "b" / "deep" / "loop"), str(root / "b")),
+                                  (str(root / "c" / "alias.png"), str(root / "a" / "0.png")),
+                                  (str(root / "e"), str(root / "a")),
+                                  (str(root / "b" / "ext.png"), str(root / "d" / "x.png"))])
+    img, label, name = src.decode(src.get(24))
+    assert label == 3 and name == str(root / "d" / "x.png")
+    np.testing.assert_array_equal(np.asarray(img), np.asarray(Image.open(outside / "d" / "x.png")))
+
+
+def test_imagefolder_special_files_refused_before_work(tmp_path):
+    import os
+    root = tmp_path / "data"
+    _png(root / "a" / "ok.png")
+    os.mkfifo(root / "a" / "pipe.png")
+    (root / "a" / "gone.jpg").symlink_to(root / "a" / "missing.jpg")
+    with pytest.raises(SourceError) as e:
+        open_source(f"imagefolder:{root}")
+    msg = str(e.value)
+    assert str(root / "a" / "gone.jpg") in msg and "broken symbolic link" in msg and "1 more" in msg
+    assert "--skip-bad" in msg
+    src = open_source(f"imagefolder:{root}", skip_bad=True)  # kept under their keys, reported by decode
+    assert src.paths == [str(root / "a" / p) for p in ("gone.jpg", "ok.png", "pipe.png")]
+    for k, kind in ((0, "broken symbolic link"), (2, "named pipe (FIFO)")):
+        with pytest.raises(SourceError, match=re.escape(kind)):
+            src.decode(src.get(k))
+    assert src.decode(src.get(1))[2] == str(root / "a" / "ok.png")
+
+
+def test_folder_fingerprint_and_diff(tmp_path):
+    from repa.preprocess.sources import diff_listings, listing_sha256
+    root = tmp_path / "data"
+    for i in range(5):
+        _png(root / "c" / f"{i}.png", seed=i)
+    src = open_source(f"imagefolder:{root}")
+    old = src.listing()
+    sizes = [(root / "c" / f"{i}.png").stat().st_size for i in range(5)]
+    assert old == [[f"c/{i}.png", sizes[i]] for i in range(5)]
+    fp = src.fingerprint()
+    assert fp == {"kind": "imagefolder", "num_rows": 5, "classes": 1, "bytes": sum(sizes),
+                  "sha256": listing_sha256(old)}
+    import hashlib
+    text = "".join(f"c/{i}.png\t{sizes[i]}\n" for i in range(5)).encode()
+    assert fp["sha256"] == hashlib.sha256(text).hexdigest()
+    # the same tree elsewhere: same fingerprint; a listing compared with itself: no difference
+    import shutil
+    shutil.copytree(root, tmp_path / "copy")
+    assert open_source(f"imagefolder:{tmp_path / 'copy'}").fingerprint() == fp and diff_listings(old, old) == []
+    # change it: one file removed, one added before it in key order, one rewritten with another size
+    (root / "c" / "3.png").unlink()
+    _png(root / "c" / "1b.png", seed=7)
+    _png(root / "c" / "4.png", seed=4, size=(9, 9))
+    src2 = open_source(f"imagefolder:{root}")
+    assert src2.fingerprint()["sha256"] != fp["sha256"]
+    new = src2.listing()
+    d = diff_listings(old, new)
+    assert d[0] == "1 added, 1 removed, 1 changed in size (5 -> 5 files); the first difference is at key 2"
+    assert d[1:] == [f"added c/1b.png ({new[2][1]} bytes)", f"removed c/3.png ({sizes[3]} bytes)",
+                     f"size changed c/4.png: {sizes[4]} -> {new[4][1]} bytes"]
+    assert diff_listings(old, new, limit=1)[1:] == [d[1]]
+    assert diff_listings(old, old[:3])[0].endswith("(5 -> 3 files); the first difference is at key 3")
+
+
+def test_digits_and_hf_fingerprints(tmp_path):
+    fp = open_source("digits").fingerprint()
+    assert fp["num_rows"] == 1797 and fp == open_source("digits").fingerprint() and len(fp["sha256"]) == 64
+    write_parquet_dataset(tmp_path / "hf")
+    a = open_source(f"hf:{tmp_path / 'hf'}").fingerprint()
+    assert a["kind"] == "hf" and a["num_rows"] == 7 and a["split"] == "train" and not a["streaming"]
+    assert a["datasets_fingerprint"] and a == open_source(f"hf:{tmp_path / 'hf'}").fingerprint()
+    write_parquet_dataset(tmp_path / "hf", n=8)  # new data files under the same name
+    b = open_source(f"hf:{tmp_path / 'hf'}").fingerprint()
+    assert b["num_rows"] == 8 and b["datasets_fingerprint"] != a["datasets_fingerprint"]
+    s = open_source(f"hf:{tmp_path / 'hf'}", streaming=True).fingerprint()
+    assert s["streaming"] and len(s["data_files"]) == 64

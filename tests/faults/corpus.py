@@ -16,6 +16,7 @@ EXPECTED = {
     "truncated.png": "bad",
     "not_an_image.jpg": "bad",
     "huge_20000.png": "bad",
+    "thin_1x200000.png": "bad",
     "cmyk.jpg": "ok",
     "gray16.png": "ok",
     "palette_alpha.png": "ok",
@@ -71,6 +72,8 @@ def write_corpus(root: Path, class_name: str = "c0") -> dict[str, Path]:
     files["not_an_image.jpg"] = b"this is a text file with an image extension\n" * 10
     # 20000 x 20000 (400 Mpx) single-colour PNG: small on disk, 1.2 GB decoded.
     files["huge_20000.png"] = huge_png(20000, 20000, 7)
+    # 1 x 200,000 px (680 KB): decodes to 600 KB, but the ADM crop's resize to --res 64 made it 2.4 GB
+    files["thin_1x200000.png"] = huge_png(1, 200_000, 9)
     files["cmyk.jpg"] = _bytes(Image.fromarray(_rgb(48, 40, 3)).convert("CMYK"), "JPEG")
     g16 = (np.arange(40 * 36, dtype=np.uint16).reshape(40, 36) * 40).astype(np.uint16)
     files["gray16.png"] = _bytes(Image.fromarray(g16), "PNG")
