@@ -96,8 +96,10 @@ def cleanup(out: str, storage_options: dict | None) -> None:
     set's leaked local temp files and unfinished multipart uploads. Runs under the lock, before any write."""
     from repa.shards import storage
     if storage.is_remote(out):
-        from repa.shards.writer import cleanup_stale_uploads
-        cleanup_stale_uploads(out, storage_options)
+        from repa.shards import writer
+        fn = getattr(writer, "cleanup_stale_uploads", None) or getattr(storage, "cleanup_stale_uploads", None)
+        if fn is not None:
+            fn(out, storage_options)
         return
     for n in storage.listdir(out, storage_options):
         if storage.is_own_temp(n):
