@@ -352,3 +352,128 @@ class ContextAsLabels:
             raise ValueError(f"MMDiT does not support {sorted(extra)} (HASTE attention alignment and "
                              "force_drop_ids are class-conditional SiT features)")
         return self.model(x, t, context=y)
+
+
+#################################################################################
+#              Text-to-image training on shards with text.<k> fields             #
+#################################################################################
+
+TEXT_PREFIX, COUNT_FIELD = "text.", "num_captions"
+EMPTY_CONTEXT_FILE = "empty_context.safetensors"  # written by repa-preprocess next to manifest.json
+
+
+def text_fields(manifest) -> list[str]:
+    """``text.<k>`` field names in slot order (empty for class-conditional shards)."""
+    names = [f for f in manifest.fields if f.startswith(TEXT_PREFIX)]
+    return sorted(names, key=lambda f: int(f.split(".")[1]))
+
+
+def is_t2i(manifest) -> bool:
+    """Shards with caption features train the text-to-image MMDiT (the t2i path of repa-train)."""
+    return bool(text_fields(manifest))
+
+
+def plan_t2i(cfg, manifest, shards_url: str) -> dict:
+    """Full MMDiT kwargs from the flags and the manifest; raises ValueError before step 1 on any mismatch."""
+    where = f"--shards {shards_url} (manifest.json)"
+    texts = text_fields(manifest)
+    if not is_mmdit_name(cfg.model):
+        raise ValueError(f"{where} holds caption features ({texts[0]}...): train the text-to-image model with "
+                         f"--model MMDiT-B/2 (the official recipe) or another MMDiT-*, not {cfg.model}")
+    if COUNT_FIELD not in manifest.fields or "moments" not in manifest.fields:
+        raise ValueError(f"{where} lacks '{COUNT_FIELD}' or 'moments'; re-run repa-preprocess on the captioned source")
+    two_c, h, w = manifest.fields["moments"].shape
+    feats = sorted((f for f in manifest.fields if f.startswith("feat.")), key=lambda f: int(f.split(".")[1]))
+    if cfg.proj_coeff and not feats:
+        raise ValueError(f"{where} has no teacher features (feat.<i>); re-run repa-preprocess with a teacher "
+                         "or train without alignment: --proj-coeff 0")
+    if getattr(cfg, "haste", None):
+        raise ValueError("--haste is not supported with MMDiT (text-to-image); the official HASTE t2i recipe "
+                         "trains MMDiT with REPA's loss and a stage-wise stop: use --proj-coeff with REPA")
+    overrides = dict(input_size=h, in_channels=two_c // 2, context_dim=manifest.fields[texts[0]].shape[-1],
+                     z_dims=[manifest.fields[f].shape[-1] for f in feats] or [768],
+                     encoder_depth=cfg.encoder_depth, qk_norm="ln" if cfg.qk_norm else None)
+    kwargs = mmdit_config(cfg.model, **{**overrides, **cfg.model_kwargs})
+    for key in ("input_size", "in_channels", "context_dim"):
+        if kwargs[key] != overrides[key]:
+            raise ValueError(f"--model-kwargs sets {key}={kwargs[key]} but {where} implies {overrides[key]}")
+    if h % kwargs["patch_size"] or not 1 <= kwargs["encoder_depth"] <= kwargs["depth"]:
+        raise ValueError(f"--model {cfg.model}: patch size {kwargs['patch_size']} must divide the latent size {h} "
+                         f"and --encoder-depth {kwargs['encoder_depth']} be in [1, {kwargs['depth']}]")
+    return kwargs
+
+
+def load_empty_context(shards_url: str, storage_options=None) -> torch.Tensor:
+    """The CFG null context (encoding of the empty caption) stored next to the shards, float32 (L, H)."""
+    from safetensors.torch import load
+    from repa.shards import storage
+    url = storage.join(shards_url, EMPTY_CONTEXT_FILE)
+    if storage.size(url, storage_options) is None:
+        raise FileNotFoundError(f"{url} is missing: text-to-image shards need the empty-caption context that "
+                                "repa-preprocess writes; re-run repa-preprocess on the captioned source")
+    return load(storage.read_bytes(url, storage_options))["empty_context"].float()
+
+
+def draw_context(batch: dict, fields: list[str], empty: torch.Tensor, cfg_prob: float) -> torch.Tensor:
+    """One caption per record (uniform over its ``num_captions``), replaced by ``empty`` with prob. ``cfg_prob``
+    (the official CFGDataset). Pops the text fields from ``batch``; returns the (B, L, H) float32 context.
+
+    Both draws use the global CPU generator, which training checkpoints per rank, so a resumed run draws
+    the same captions and drops as an uninterrupted one.
+    """
+    texts = torch.stack([batch.pop(f) for f in fields], dim=1)  # (B, K, L, H)
+    counts = batch.pop(COUNT_FIELD).cpu()
+    if (counts < 1).any():
+        keys = batch["key"][counts < 1].tolist() if "key" in batch else []
+        raise ValueError(f"records {keys[:10]} have no caption (num_captions 0); re-create those shards")
+    B = texts.shape[0]
+    pick = (torch.rand(B) * counts.clamp(max=len(fields))).long().clamp(max=len(fields) - 1)
+    drop = torch.rand(B) < cfg_prob
+    context = texts[torch.arange(B, device=texts.device), pick.to(texts.device)].float()
+    null = empty.to(context.device, context.dtype).expand_as(context)
+    return torch.where(drop.to(context.device)[:, None, None], null, context)
+
+
+@torch.no_grad()
+def euler_t2i(model, noise, context, empty, num_steps: int = 50, cfg_scale: float = 4.0,
+              guidance_low: float = 0.0, guidance_high: float = 1.0):
+    """Euler ODE t=1 -> 0 with CFG against ``empty`` inside [guidance_low, guidance_high] (float64 state,
+    the official ``samplers_t2i.euler_sampler`` without Heun)."""
+    x = noise.double()
+    null = empty.to(context).expand_as(context)
+    ts = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+    for t_cur, t_next in zip(ts[:-1], ts[1:]):
+        guided = cfg_scale > 1.0 and guidance_low <= t_cur <= guidance_high
+        xin = torch.cat([x, x]) if guided else x
+        cin = torch.cat([context, null]) if guided else context
+        tin = torch.full((xin.shape[0],), float(t_cur), device=x.device, dtype=noise.dtype)
+        v = model(xin.to(noise.dtype), tin, context=cin)[0].double()
+        if guided:
+            cond, uncond = v.chunk(2)
+            v = uncond + cfg_scale * (cond - uncond)
+        x = x + (t_next - t_cur) * v
+    return x
+
+
+class T2IPreview:
+    """EMA sample grid for t2i runs: fixed noise (own generator) and the first records' caption 0."""
+
+    def __init__(self, cfg, model_kwargs, prov, device, shards_url: str, empty: torch.Tensor):
+        from repa.shards import ShardStream
+        from repa.trainer.metrics import PreviewDecoder
+        g = torch.Generator().manual_seed(cfg.seed)
+        c, s = model_kwargs["in_channels"], model_kwargs["input_size"]
+        self.noise = torch.randn(cfg.num_preview, c, s, s, generator=g).to(device)
+        with torch.random.fork_rng(devices=[]):  # never shift the training draws
+            stream = ShardStream(shards_url, cfg.num_preview, fields=["text.0"], shuffle=False,
+                                 storage_options=cfg.storage_options or None, rank=0, world_size=1)
+            first = next(iter(stream))["text.0"]
+        self.context = first.float().to(device)
+        self.noise = self.noise[: len(self.context)]
+        self.empty, self.steps, self.cfg_scale = empty.to(device), cfg.preview_steps, cfg.preview_cfg
+        self.decode = PreviewDecoder(prov, device)
+
+    def __call__(self, ema, path):
+        from repa.trainer.metrics import save_png, to_grid
+        z = euler_t2i(ema, self.noise, self.context, self.empty, self.steps, self.cfg_scale).float()
+        save_png(to_grid(self.decode(z)), path)

@@ -5,10 +5,10 @@ Not a test and not shipped code: it imports the official files from a checkout g
 
     PYTHONPATH=<dir with einops> python tests/data/mmdit_make_reference.py <REPA checkout> <commit>
 
-where <REPA checkout> holds ``models/mmdit.py`` and ``loss.py`` (github.com/sihyun-yu/REPA; the official
+where <REPA checkout> holds ``models/mmdit.py``, ``loss.py`` and ``samplers_t2i.py`` (github.com/sihyun-yu/REPA; the official
 mmdit.py imports ``transformers`` and ``einops``). It records, for two tiny seeded configs, the official
 weights (rounded to float16, so the fp16 file holds them exactly), inputs and outputs, the official
-seeded initial weights' checksums, one official SILoss evaluation, and the key list + shapes of the
+seeded initial weights' checksums, one official SILoss evaluation, official t2i ODE/SDE samples, and the key list + shapes of the
 official recipe model ``MMDiT(input_size=32, z_dims=[768], encoder_depth=8)``.
 """
 import hashlib
@@ -75,15 +75,28 @@ def record_loss(SILoss, model, x, ctx, g, tensors, meta):
     meta["loss"] = {"config": "a", "seed": 123, "denoising": denoise.tolist(), "proj": float(proj)}
 
 
+def record_samplers(samplers, model, x, ctx, g, tensors, meta):
+    """Official t2i ODE (Heun) and SDE samples: CFG 4 inside [0, 0.7] against a random null context."""
+    null = torch.randn(1, CONTEXT_LEN, 768, generator=g).half().float().repeat(2, 1, 1)
+    kw = dict(num_steps=4, cfg_scale=4.0, guidance_low=0.0, guidance_high=0.7)
+    ode = samplers.euler_sampler(model, x, ctx, null, heun=True, **kw)
+    torch.manual_seed(7)
+    sde = samplers.euler_maruyama_sampler(model, x, ctx, null, **kw)
+    tensors.update({"sample.null": null[0].half(), "sample.ode": ode, "sample.sde": sde})
+    meta["samplers"] = {"config": "a", "kwargs": kw, "ode_heun": True, "sde_seed": 7}
+
+
 def main(repo, commit):
     sys.path.insert(0, repo)
     from models.mmdit import MMDiT  # noqa: official code, from the checkout given on the command line
     from loss import SILoss
-    tensors, meta = {}, {"source": f"github.com/sihyun-yu/REPA@{commit} models/mmdit.py, loss.py",
+    import samplers_t2i
+    tensors, meta = {}, {"source": f"github.com/sihyun-yu/REPA@{commit} models/mmdit.py, loss.py, samplers_t2i.py",
                          "torch": torch.__version__}
     model_a, x, ctx, g = record(MMDiT, "a", CONFIGS["a"], tensors, meta)
     record(MMDiT, "b", CONFIGS["b"], tensors, meta)
     record_loss(SILoss, model_a, x, ctx, g, tensors, meta)
+    record_samplers(samplers_t2i, model_a, x, ctx, g, tensors, meta)
     with torch.device("meta"):
         full = MMDiT(input_size=32, z_dims=[768], encoder_depth=8)
     meta["official_recipe"] = {"kwargs": dict(input_size=32, z_dims=[768], encoder_depth=8),

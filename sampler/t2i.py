@@ -1,0 +1,180 @@
+"""Text-to-image sampling from an MMDiT checkpoint (repa-sample --prompts FILE | --prompts-from SET).
+
+Prompts are encoded with the checkpoint's text encoder (its manifest provenance; ``--text-encoder``
+overrides), the unconditional branch uses the encoding of the empty caption, and the ODE/SDE solvers are
+the class-conditional ones (sampler/solvers.py, reference-exact): the model is wrapped so that a "label"
+indexes a row of [prompt contexts; empty context] and the null class is the empty row. This is the
+official ``samplers_t2i.py`` arithmetic (batch doubled as [x, x] with [context, empty], CFG inside
+[guidance_low, guidance_high], float64 state).
+
+Outputs in ``--sample-dir``: ``<name>/<index:06d>.png``, ``<name>.npz`` (ADM ``arr_0``), and
+``<name>/prompts.json`` (index -> prompt, plus the record key for --prompts-from). Sample i's initial noise
+(and SDE noise) derive from (seed, i) only, so output does not depend on the batch size, and a rerun skips
+PNGs already written (the folder's prompts.json and settings must match).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+
+from .generate import STREAM_SDE, initial_noise, sample_generator
+from .npz import atomic_write_bytes, read_png, save_png, write_images_npz
+from .solvers import euler_maruyama_sampler, euler_sampler
+
+__all__ = ["read_prompts", "prompts_from_set", "load_t2i_model", "ContextRows", "sample_t2i", "run_t2i"]
+
+CAPTIONS_FILE = "captions.json"  # written by repa-preprocess next to the shards
+
+
+def read_prompts(path: str) -> list[str]:
+    """One prompt per line (UTF-8); an empty line is an error (it would silently sample unconditionally)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise ValueError(f"--prompts {path}: cannot read it ({e})") from None
+    prompts = [ln.strip() for ln in lines]
+    for n, p in enumerate(prompts, 1):
+        if not p:
+            raise ValueError(f"--prompts {path}:{n} is empty; remove blank lines (one prompt per line)")
+    if not prompts:
+        raise ValueError(f"--prompts {path} holds no prompts")
+    return prompts
+
+
+def prompts_from_set(set_dir: str, num: int | None = None, storage_options=None) -> list[tuple[int, str]]:
+    """(record key, first caption) of the first ``num`` records (by key) of a captioned shard set."""
+    from repa.shards import storage
+    url = storage.join(set_dir, CAPTIONS_FILE)
+    if storage.size(url, storage_options) is None:
+        raise ValueError(f"--prompts-from {set_dir}: no {CAPTIONS_FILE} there; pass a shard set that "
+                         "repa-preprocess wrote from a captioned source (coco:, captions:, hf: --caption-column)")
+    caps = json.loads(storage.read_bytes(url, storage_options))["captions"]
+    keys = sorted(int(k) for k in caps)
+    if num is not None:
+        if num > len(keys):
+            raise ValueError(f"--num-fid-samples {num}: {set_dir} has only {len(keys)} captioned records")
+        keys = keys[:num]
+    return [(k, caps[str(k)][0]) for k in keys]
+
+
+def load_t2i_model(ckpt: str, weights: str = "ema", device="cpu"):
+    """(MMDiT in eval mode, config.json dict) from a repa-train checkpoint folder of a t2i run."""
+    from safetensors.torch import load_file
+    from repa.trainer.mmdit import MMDiT
+    path = os.path.join(ckpt, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"--ckpt {ckpt}: no config.json; pass a repa-train checkpoint folder (<exp>/checkpoints/<step>)")
+    with open(path) as f:
+        config = json.load(f)
+    name = config.get("model", {}).get("name", "")
+    if not str(name).startswith("MMDiT-"):
+        raise ValueError(f"--ckpt {ckpt}: model {name!r} is not a text-to-image MMDiT; --prompts needs a checkpoint "
+                         "trained on captioned shards (sample class-conditional models without --prompts)")
+    model = MMDiT(**config["model"]["kwargs"])
+    model.load_state_dict(load_file(os.path.join(ckpt, f"{weights}.safetensors")), strict=True)
+    return model.float().to(device).eval().requires_grad_(False), config
+
+
+class ContextRows(torch.nn.Module):
+    """Adapter for the class-conditional solvers: label i -> row i of ``table`` (B+1 contexts, the last one
+    the empty caption), passed to the MMDiT as ``context``."""
+
+    def __init__(self, model, contexts: torch.Tensor, empty: torch.Tensor):
+        super().__init__()
+        self.model = model
+        self.table = torch.cat([contexts, empty[None].to(contexts)], dim=0)
+        self.null_class = len(contexts)
+
+    def forward(self, x, t, y):
+        return self.model(x, t, context=self.table[y])
+
+
+@torch.no_grad()
+def sample_t2i(model, contexts, empty, noise, *, mode: str = "ode", num_steps: int = 50, cfg_scale: float = 4.0,
+               guidance_low: float = 0.0, guidance_high: float = 1.0, heun: bool = False, path_type: str = "linear",
+               noise_generators=None) -> torch.Tensor:
+    """float64 latents at t = 0 for (B, L, H) ``contexts`` from ``noise`` (B, C, H', W')."""
+    rows = ContextRows(model, contexts, empty)
+    labels = torch.arange(len(contexts), device=contexts.device)
+    kw = dict(num_steps=num_steps, heun=heun, cfg_scale=cfg_scale, guidance_low=guidance_low,
+              guidance_high=guidance_high, path_type=path_type, null_class=rows.null_class)
+    if mode == "ode":
+        return euler_sampler(rows, noise, labels, **kw)
+    if mode == "sde":
+        return euler_maruyama_sampler(rows, noise, labels, noise_generators=noise_generators, **kw)
+    raise ValueError(f"--mode must be ode or sde, got {mode!r}")
+
+
+def _text_encoder_spec(config: dict, override: str | None) -> str:
+    if override:
+        return override
+    text = (config.get("data") or {}).get("text") or {}
+    enc = text.get("text_encoder") or {}
+    spec = enc.get("id") or enc.get("name")
+    if not spec:
+        raise ValueError("the checkpoint's data provenance names no text encoder; pass --text-encoder")
+    return spec
+
+
+def _folder_index(folder: str, index: dict) -> None:
+    """Write prompts.json, or check that an existing one (a resumed run) matches."""
+    path = os.path.join(folder, "prompts.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            if json.load(f) != index:
+                raise ValueError(f"{folder} holds samples of other prompts/settings ({path}); choose another "
+                                 "--sample-dir or delete it")
+        return
+    os.makedirs(folder, exist_ok=True)
+    atomic_write_bytes(path, json.dumps(index, indent=1).encode())
+
+
+def run_t2i(ckpt: str, prompts: list[str], sample_dir: str, *, keys=None, text_encoder: str | None = None,
+            decoder=None, mode: str = "ode", num_steps: int = 50, cfg_scale: float = 4.0,
+            guidance_low: float = 0.0, guidance_high: float = 1.0, heun: bool = False, seed: int = 0,
+            batch_size: int = 32, device="cpu", weights: str = "ema", name: str | None = None) -> str:
+    """Sample one image per prompt; returns the .npz path. ``decoder``: latents -> uint8 NHWC (default: the
+    checkpoint's VAE via repa.sampler.generate.LatentDecoder)."""
+    from repa.preprocess.text_encoder import load_text_encoder
+    model, config = load_t2i_model(ckpt, weights, device)
+    kw = config["model"]["kwargs"]
+    encoder = load_text_encoder(_text_encoder_spec(config, text_encoder), device)
+    empty = encoder.encode([""])[0].to(device)
+    decoder = decoder or _default_decoder(config, device)
+    settings = dict(mode=mode, num_steps=num_steps, cfg_scale=cfg_scale, guidance_low=guidance_low,
+                    guidance_high=guidance_high, heun=heun, seed=seed, weights=weights,
+                    path_type=(config.get("args") or {}).get("path_type", "linear"))
+    name = name or f"t2i-{mode}-{num_steps}-cfg-{cfg_scale}-seed-{seed}"
+    folder = os.path.join(sample_dir, name)
+    index = {"ckpt": os.path.abspath(ckpt), "settings": settings,
+             "prompts": {str(i): ({"prompt": p, "key": int(keys[i])} if keys is not None else p)
+                         for i, p in enumerate(prompts)}}
+    _folder_index(folder, index)
+    todo = [i for i in range(len(prompts)) if not os.path.isfile(os.path.join(folder, f"{i:06d}.png"))]
+    shape = (kw["in_channels"], kw["input_size"], kw["input_size"])
+    for start in range(0, len(todo), batch_size):
+        idx = todo[start: start + batch_size]
+        ctx = encoder.encode([prompts[i] for i in idx]).to(device)
+        gens = [sample_generator(seed, i, STREAM_SDE) for i in idx] if mode == "sde" else None
+        z = sample_t2i(model, ctx, empty, initial_noise(idx, seed, shape).to(device),
+                       noise_generators=gens, **{k: settings[k] for k in
+                                                 ("mode", "num_steps", "cfg_scale", "guidance_low", "guidance_high",
+                                                  "heun", "path_type")})
+        for i, img in zip(idx, decoder(z.float())):
+            save_png(os.path.join(folder, f"{i:06d}.png"), img)
+    first = read_png(os.path.join(folder, "000000.png"))
+    return write_images_npz(f"{folder}.npz", len(prompts), first.shape,
+                            lambda i: read_png(os.path.join(folder, f"{i:06d}.png")))
+
+
+def _default_decoder(config: dict, device):
+    from repa.preprocess.vae import load_vae
+    from .generate import LatentDecoder
+    vae = (config.get("data") or {}).get("vae") or {}
+    c = int(config["model"]["kwargs"]["in_channels"])
+    return LatentDecoder(load_vae(vae.get("id") or "none", device), vae.get("scale", [1.0] * c),
+                         vae.get("bias", [0.0] * c), device)

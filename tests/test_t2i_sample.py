@@ -1,0 +1,89 @@
+"""t2i sampling: parity with the official samplers_t2i.py (recorded data) and the prompts -> PNG/.npz runner."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from repa.sampler.npz import load_images_npz, read_png
+from repa.sampler.t2i import prompts_from_set, read_prompts, run_t2i, sample_t2i
+from repa.trainer.mmdit import MMDiT
+from test_mmdit import _official_model, ref  # noqa: F401 (fixture)
+
+
+def test_ode_heun_and_sde_match_official_samplers_t2i(ref):  # noqa: F811
+    meta, tensors = ref
+    model = _official_model(ref, "a")
+    x, ctx, null = tensors["a.x"].float(), tensors["a.context"].float(), tensors["sample.null"].float()
+    kw = meta["samplers"]["kwargs"]
+    ode = sample_t2i(model, ctx, null, x, mode="ode", heun=True, **kw)
+    assert ode.dtype == torch.float64
+    assert (ode - tensors["sample.ode"]).abs().max().item() <= 1e-5
+    torch.manual_seed(meta["samplers"]["sde_seed"])  # the official SDE noise is the global stream
+    sde = sample_t2i(model, ctx, null, x, mode="sde", **kw)
+    assert (sde - tensors["sample.sde"]).abs().max().item() <= 1e-5
+    assert (ode - sde).abs().max().item() > 1e-2  # two different samplers were compared
+
+
+def test_read_prompts(tmp_path):
+    p = tmp_path / "prompts.txt"
+    p.write_text("a red circle\n a blue square \n")
+    assert read_prompts(str(p)) == ["a red circle", "a blue square"]
+    p.write_text("a red circle\n\nx\n")
+    with pytest.raises(ValueError, match=r"prompts.txt:2 is empty"):
+        read_prompts(str(p))
+    with pytest.raises(ValueError, match="cannot read"):
+        read_prompts(str(tmp_path / "missing.txt"))
+
+
+def test_prompts_from_set(tmp_path):
+    (tmp_path / "captions.json").write_text(json.dumps({"max_captions": 2, "captions": {
+        "10": ["ten", "x"], "2": ["two"], "0": ["zero", "y", "z"]}}))
+    assert prompts_from_set(str(tmp_path)) == [(0, "zero"), (2, "two"), (10, "ten")]
+    assert prompts_from_set(str(tmp_path), 2) == [(0, "zero"), (2, "two")]
+    with pytest.raises(ValueError, match="has only 3 captioned records"):
+        prompts_from_set(str(tmp_path), 4)
+    with pytest.raises(ValueError, match="no captions.json"):
+        prompts_from_set(str(tmp_path / "nope"))
+
+
+def _t2i_checkpoint(folder, clip: str) -> str:
+    """A repa-train-style checkpoint folder of a pixel-space MMDiT (random weights)."""
+    kwargs = dict(input_size=8, patch_size=2, in_channels=3, depth=2, context_dim=32, z_dims=[8], projector_dim=16,
+                  encoder_depth=1)
+    torch.manual_seed(0)
+    model = MMDiT(**kwargs)
+    os.makedirs(folder)
+    save_file(model.state_dict(), os.path.join(folder, "ema.safetensors"))
+    config = {"model": {"name": "MMDiT-d2/2", "kwargs": kwargs},
+              "data": {"vae": {"id": None, "latent_channels": 3, "scale": [1.0] * 3, "bias": [0.0] * 3},
+                       "text": {"text_encoder": {"name": clip, "id": clip}}}, "args": {"path_type": "linear"}}
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f)
+    return folder
+
+
+def test_run_t2i_pngs_npz_index_and_resume(tmp_path):
+    pytest.importorskip("transformers")
+    from test_t2i_preprocess import make_tiny_clip
+    clip = make_tiny_clip(str(tmp_path / "clip"))
+    ckpt = _t2i_checkpoint(str(tmp_path / "ckpt"), clip)
+    prompts = ["a red circle", "a blue square", "a green circle"]
+    npz = run_t2i(ckpt, prompts, str(tmp_path / "samples"), num_steps=3, cfg_scale=2.0, batch_size=2, name="run")
+    images = load_images_npz(npz, mmap=False)
+    assert images.shape == (3, 8, 8, 3) and images.dtype == np.uint8
+    folder = tmp_path / "samples" / "run"
+    index = json.loads((folder / "prompts.json").read_text())
+    assert index["prompts"] == {"0": "a red circle", "1": "a blue square", "2": "a green circle"}
+    assert np.array_equal(read_png(str(folder / "000001.png")), images[1])
+    # batch size does not change a sample; a rerun only fills in the missing PNG
+    os.remove(folder / "000002.png")
+    run_t2i(ckpt, prompts, str(tmp_path / "samples"), num_steps=3, cfg_scale=2.0, batch_size=1, name="run")
+    assert np.array_equal(load_images_npz(npz, mmap=False), images)
+    with pytest.raises(ValueError, match="holds samples of other prompts/settings"):
+        run_t2i(ckpt, prompts[:2], str(tmp_path / "samples"), num_steps=3, cfg_scale=2.0, name="run")
+    # CFG against the empty caption changes the sample
+    other = run_t2i(ckpt, prompts, str(tmp_path / "samples"), num_steps=3, cfg_scale=1.0, name="nocfg")
+    assert not np.array_equal(load_images_npz(other, mmap=False), images)
