@@ -14,7 +14,11 @@ offset -> (epoch, window, position in window). ShardLoader uses that for exact m
 """
 from __future__ import annotations
 
+import atexit
+import functools
 import os
+import signal
+import weakref
 
 import numpy as np
 import torch
@@ -27,6 +31,8 @@ from .tario import RecordCodec
 from .verify import quick_check
 
 _META = ("_worker", "_skipped")
+# pre-emption signals DataLoader workers ignore (SLURM signals the whole group; the main process handles them)
+WORKER_IGNORED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 class ShardError(RuntimeError):
@@ -343,8 +349,9 @@ class ShardLoader:
     """
 
     def __init__(self, stream: ShardStream, num_workers: int = 2, pin_memory: bool | None = None,
-                 prefetch_factor: int = 2):
+                 prefetch_factor: int = 2, ignore_signals: tuple[int, ...] = WORKER_IGNORED_SIGNALS):
         self.stream = stream
+        self.ignore_signals = tuple(int(s) for s in ignore_signals)
         self.num_workers = int(num_workers)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self.prefetch_factor = prefetch_factor
@@ -378,9 +385,12 @@ class ShardLoader:
         kw = dict(num_workers=self.num_workers, pin_memory=self.pin_memory)
         if self.num_workers:
             kw["prefetch_factor"] = self.prefetch_factor
-        dl = DataLoader(s, batch_size=None, **kw)
+            kw["worker_init_fn"] = functools.partial(_ignore_signals, self.ignore_signals)
+        it = iter(DataLoader(s, batch_size=None, **kw))
+        if self.num_workers:
+            _track_workers(it)
         try:
-            for batch in dl:
+            for batch in it:
                 w, sk = int(batch.pop("_worker")), int(batch.pop("_skipped"))
                 if self.num_workers:
                     self.skipped_per_worker[w] = sk
@@ -413,6 +423,43 @@ class ShardLoader:
             self.epoch, self.batches = self.epoch + 1, 0
 
 
-def make_loader(stream: ShardStream, num_workers: int = 2, pin_memory: bool | None = None) -> ShardLoader:
-    """The standard way to iterate a ShardStream (see ShardLoader)."""
-    return ShardLoader(stream, num_workers=num_workers, pin_memory=pin_memory)
+def _ignore_signals(signals: tuple[int, ...], worker_id: int) -> None:
+    """DataLoader worker init: a SLURM signal sent to the whole process group must reach only the main
+    process's handler (which stops cleanly and checkpoints); a worker dying of it would crash the run instead.
+    Workers still end with the main process (DataLoader shuts them down; they watch their parent)."""
+    for sig in signals:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+_LIVE_ITERATORS: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def _track_workers(it) -> None:
+    """Workers ignore SIGTERM, so multiprocessing's exit hook (terminate = SIGTERM, then join) would wait for
+    them forever when the process exits with a loader iterator still alive (a run stopping on a signal). An
+    exit hook registered after multiprocessing's (so it runs first) shuts them down the normal way instead,
+    and SIGKILLs any that does not stop."""
+    if not _LIVE_ITERATORS and not getattr(_track_workers, "registered", False):
+        atexit.register(_shutdown_live_workers)
+        _track_workers.registered = True
+    _LIVE_ITERATORS.add(it)
+
+
+def _shutdown_live_workers() -> None:
+    for it in list(_LIVE_ITERATORS):
+        workers = list(getattr(it, "_workers", []))
+        try:
+            it._shutdown_workers()
+        except Exception:  # noqa: BLE001 - best effort at exit; the kill below is the fallback
+            pass
+        for w in workers:
+            if w.is_alive():
+                w.kill()
+                w.join(5)
+
+
+def make_loader(stream: ShardStream, num_workers: int = 2, pin_memory: bool | None = None,
+                ignore_signals: tuple[int, ...] = WORKER_IGNORED_SIGNALS) -> ShardLoader:
+    """The standard way to iterate a ShardStream (see ShardLoader). Workers ignore ``ignore_signals``
+    (SIGTERM, SIGINT, SIGUSR1 by default; add the run's requeue signal if it is another one)."""
+    return ShardLoader(stream, num_workers=num_workers, pin_memory=pin_memory, ignore_signals=ignore_signals)
