@@ -9,12 +9,13 @@ TF FID Inception (``sampler/inception.py``). Prints the result JSON and writes i
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
+from types import SimpleNamespace
 
+import click
 import numpy as np
 import torch
 
@@ -25,19 +26,51 @@ from .npz import atomic_write_bytes, load_images_npz
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="repa-eval", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("samples", help="samples .npz (arr_0 uint8 NHWC), e.g. the one repa-sample printed")
-    p.add_argument("--ref", required=True, help="reference batch .npz (arr_0 images and/or mu/sigma/mu_s/sigma_s)")
-    p.add_argument("--inception-weights", default=None,
-                   help="path to pt_inception-2015-12-05-6726825d.pth (default: cache, else download)")
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--output", default=None, help="result JSON path (default: <samples>.eval.json)")
-    p.add_argument("--no-pr", action="store_true", help="skip precision/recall (no reference activations needed)")
-    p.add_argument("--no-progress", action="store_true")
-    return p
+class _EvalCommand(click.Command):
+    """``repa-eval align ...`` goes to the alignment evaluation (``repa.sampler.align``) when it is installed;
+    anything else is ``repa-eval SAMPLES.npz --ref REF.npz``."""
+
+    def main(self, args=None, prog_name=None, **kwargs):
+        argv = list(sys.argv[1:] if args is None else args)
+        if argv[:1] == ["align"]:
+            try:
+                from repa.sampler.align import cli as align_cli
+            except ModuleNotFoundError as e:
+                if e.name != "repa.sampler.align":
+                    raise
+                raise SystemExit("repa-eval align: not available in this installation (repa.sampler.align is "
+                                 "missing); for FID use repa-eval SAMPLES.npz --ref REF.npz") from None
+            if isinstance(align_cli, click.Command):
+                return align_cli.main(args=argv[1:], prog_name=f"{prog_name or 'repa-eval'} align", **kwargs)
+            return align_cli(argv)  # a plain function taking the argv with its leading "align"
+        return super().main(args=argv, prog_name=prog_name, **kwargs)
+
+
+@click.command(cls=_EvalCommand, context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
+               help=__doc__.split("\n\n")[0].replace("``", "") + "\n\nrepa-eval align CKPT SET ...: "
+               "representation alignment of a checkpoint (see repa-eval align --help).")
+@click.argument("samples")
+@click.option("--ref", required=True, help="reference batch .npz (arr_0 images and/or mu/sigma/mu_s/sigma_s)")
+@click.option("--inception-weights", default=None,
+              help="path to pt_inception-2015-12-05-6726825d.pth (default: cache, else download)")
+@click.option("--batch-size", type=click.IntRange(min=1), default=100)
+@click.option("--device", default=None, help="default: cuda if available, else cpu")
+@click.option("--output", default=None, help="result JSON path (default: <samples>.eval.json)")
+@click.option("--no-pr", is_flag=True, default=False,
+              help="skip precision/recall (no reference activations needed)")
+@click.option("--no-progress", is_flag=True, default=False, help="no progress bars")
+@click.version_option(package_name="repa", prog_name="repa-eval")
+def cli(**kwargs):
+    """Console entry point (the process exits 0 after a successful run)."""
+    args = SimpleNamespace(**kwargs)
+    result = evaluate(args)
+    out = args.output or (args.samples[:-4] if args.samples.endswith(".npz") else args.samples) + ".eval.json"
+    text = json.dumps(result, indent=2, sort_keys=True)
+    atomic_write_bytes(out, text.encode())
+    for note in result["notes"]:
+        print(f"note: {note}", file=sys.stderr)
+    print(text, flush=True)
+    return result
 
 
 @torch.no_grad()
@@ -126,24 +159,15 @@ def evaluate(args) -> dict:
 
 
 def main(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
-    if args.batch_size < 1:
-        raise SystemExit(f"repa-eval: --batch-size must be >= 1, got {args.batch_size}")
-    result = evaluate(args)
-    out = args.output or (args.samples[:-4] if args.samples.endswith(".npz") else args.samples) + ".eval.json"
-    text = json.dumps(result, indent=2, sort_keys=True)
-    atomic_write_bytes(out, text.encode())
-    for note in result["notes"]:
-        print(f"note: {note}", file=sys.stderr)
-    print(text, flush=True)
-    return result
+    """Python entry point: ``main([SAMPLES, "--ref", REF, ...])`` -> the metrics dict (also printed and written).
 
-
-def cli() -> int:
-    """Console-script entry point: ``main`` returns the metrics dict (for Python callers); the process exits 0."""
-    main()
-    return 0
+    Bad flags raise SystemExit with the message."""
+    try:
+        return cli.main(args=list(sys.argv[1:] if argv is None else argv), prog_name="repa-eval",
+                        standalone_mode=False)
+    except click.ClickException as e:
+        raise SystemExit(f"repa-eval: {e.format_message()}") from None
 
 
 if __name__ == "__main__":
-    raise SystemExit(cli())
+    cli(prog_name="repa-eval")

@@ -25,3 +25,12 @@ def test_entry_point_exit_status_is_zero(name, monkeypatch):
         return
     monkeypatch.setattr(mod, "main", lambda *a, **k: {"a result": "that must not become the exit status"})
     assert entry() in (0, None)
+
+
+@pytest.mark.parametrize("module", ["repa.sampler", "repa.sampler.sample_cli", "repa.sampler.eval_cli"])
+def test_sampler_modules_run_as_commands(module):
+    """``python -m`` (what torchrun -m runs) reaches the same click commands (-h exits 0)."""
+    import subprocess
+    import sys
+    res = subprocess.run([sys.executable, "-m", module, "-h"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "Usage: " in res.stdout and "--no-progress" in res.stdout, res.stderr

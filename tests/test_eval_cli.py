@@ -109,3 +109,52 @@ def test_repa_eval_bad_inputs(weights, tmp_path):
     with pytest.raises(SystemExit, match="--inception-weights"):
         eval_main([str(tmp_path / "ref.npz"), "--ref", str(tmp_path / "ref.npz"), "--inception-weights",
                    str(tmp_path / "missing.pth")])
+
+
+def test_repa_eval_click_conventions(weights, tmp_path):
+    from importlib.metadata import version
+
+    from click.testing import CliRunner
+
+    from repa.sampler.eval_cli import cli
+    r = CliRunner()
+    for flag in ("-h", "--help"):
+        res = r.invoke(cli, [flag])
+        assert res.exit_code == 0 and "--ref" in res.output and "default: 100" in res.output
+        assert "repa-eval align" in res.output
+    res = r.invoke(cli, ["--version"])
+    assert res.exit_code == 0 and version("repa") in res.output
+    np.savez(tmp_path / "s.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    res = r.invoke(cli, [str(tmp_path / "s.npz"), "--ref", str(tmp_path / "s.npz"), "--batch", "4"])
+    assert res.exit_code == 2 and "No such option" in res.output and "--batch" in res.output  # no abbreviations
+    res = r.invoke(cli, [str(tmp_path / "s.npz"), "--ref", str(tmp_path / "s.npz"), "--batch-size", "0"])
+    assert res.exit_code == 2 and "--batch-size" in res.output
+    with pytest.raises(SystemExit, match="--batch-size"):
+        eval_main([str(tmp_path / "s.npz"), "--ref", str(tmp_path / "s.npz"), "--batch-size", "0"])
+
+
+def test_repa_eval_dispatches_align(monkeypatch):
+    import sys
+    import types
+
+    import click
+    from click.testing import CliRunner
+
+    from repa.sampler.eval_cli import cli
+    seen = []
+    fake = types.ModuleType("repa.sampler.align")
+    fake.cli = lambda argv=None: seen.append(list(argv)) or 0  # the plain-function form
+    monkeypatch.setitem(sys.modules, "repa.sampler.align", fake)
+    res = CliRunner().invoke(cli, ["align", "CKPT", "--shards", "SET"])
+    assert res.exit_code == 0 and seen == [["align", "CKPT", "--shards", "SET"]]
+
+    @click.command()
+    @click.argument("ckpt")
+    def align_cmd(ckpt):  # the click-command form
+        seen.append(ckpt)
+    fake.cli = align_cmd
+    res = CliRunner().invoke(cli, ["align", "CK2"])
+    assert res.exit_code == 0 and seen[-1] == "CK2"
+    monkeypatch.setitem(sys.modules, "repa.sampler.align", None)  # not installed: a clear refusal
+    res = CliRunner().invoke(cli, ["align", "CK"])
+    assert res.exit_code != 0 and "repa-eval align: not available" in res.output
