@@ -46,7 +46,8 @@ class _EvalCommand(click.Command):
         return super().main(args=argv, prog_name=prog_name, **kwargs)
 
 
-@click.command(cls=_EvalCommand, context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
+@click.command(cls=_EvalCommand, context_settings={"help_option_names": ["-h", "--help"], "show_default": True,
+                                 "max_content_width": 110},
                help=__doc__.split("\n\n")[0].replace("``", "") + "\n\nrepa-eval align CKPT SET ...: "
                "representation alignment of a checkpoint (see repa-eval align --help).")
 @click.argument("samples")

@@ -322,7 +322,8 @@ def _generate_and_finalize(args, info, model, decoder, spec, folder, config, vae
     return finalize_outputs(folder, spec, labels, record, not args.no_progress)
 
 
-@click.command(cls=_Command, context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
+@click.command(cls=_Command, context_settings={"help_option_names": ["-h", "--help"], "show_default": True,
+                                 "max_content_width": 110},
                help=__doc__.split("\n\n")[0].replace("``", ""))
 @_options
 @click.version_option(package_name="repa", prog_name="repa-sample")
@@ -346,8 +347,8 @@ def cli(ctx, **kwargs):
 def main(argv=None) -> str | None:
     """Python entry point: ``main([...flags...])`` -> the .npz path (None when stopped by a signal).
 
-    Bad flags raise SystemExit with the message; a refused sample folder raises FolderRefused (a ValueError) or,
-    when another run holds it, repa.shards.lock.LockHeld.
+    Bad flags raise SystemExit with the message; a refused sample folder (not ours, other settings, or held by
+    another run) raises FolderRefused, a ValueError.
     """
     try:
         return cli.main(args=list(sys.argv[1:] if argv is None else argv), prog_name="repa-sample",
