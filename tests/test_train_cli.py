@@ -54,11 +54,11 @@ def test_cli_errors_name_the_flag(tmp_path):
     shards = write_shards(str(tmp_path / "s"), n=16)
     r = CliRunner().invoke(main, _args(shards, str(tmp_path / "o"), "--batch-size", "6",
                                        "--gradient-accumulation-steps", "4"))
-    assert r.exit_code == 1 and "--batch-size 6" in r.output and r.exc_info[0] is SystemExit
+    assert r.exit_code == 2 and "--batch-size 6" in r.output and r.exc_info[0] is SystemExit
     r = CliRunner().invoke(main, _args(shards, str(tmp_path / "o"), "--model-kwargs", "{depth: 2}"))
     assert r.exit_code == 2 and "--model-kwargs" in r.output
     r = CliRunner().invoke(main, _args(shards, str(tmp_path / "o"), "--resume", str(tmp_path / "nope")))
-    assert r.exit_code == 1 and "--resume" in r.output
+    assert r.exit_code == 2 and "--resume" in r.output
 
 
 def _train_3_steps(tmp_path, *extra):

@@ -110,11 +110,12 @@ def test_non_finite_loss_stops_with_step_and_checkpoint(shards, tmp_path):
             w.write(key, {"moments": torch.full((8, 8, 8), float("nan")), "label": torch.tensor(0),
                           "feat.0": torch.zeros(16, 16)})
     finalize_manifest(bad, m.fields, m.provenance, expected_records=48)
-    with pytest.raises(NonFiniteLossError) as e:
+    # resuming onto another shard set is refused (tests/test_train_flags.py); the last good checkpoint named in
+    # the message is tested with a record going bad mid-run in tests/faults/test_bad_numbers.py
+    with pytest.raises(ValueError, match="a different shard set"):
         train(cfg(bad, tmp_path, "nan", resume="auto"))
-    msg = str(e.value)
-    assert "step 3" in msg and good["checkpoint"] in msg
     assert [os.path.basename(p) for p in list_checkpoints(os.path.join(tmp_path, "nan", "checkpoints"))] == ["0000002"]
+    assert good["step"] == 2
     with pytest.raises(NonFiniteLossError, match="step 1 .*no checkpoint was saved yet"):
         train(cfg(bad, tmp_path, "nan_fresh"))
     assert FieldSpec  # imported for the writer

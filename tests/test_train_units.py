@@ -39,7 +39,7 @@ def test_crash_mid_save_leaves_no_checkpoint(tmp_path, monkeypatch):
     for s in (2, 3, 4):
         _save(root, s, model, keep_last=2)
     assert [os.path.basename(p) for p in ckpt.list_checkpoints(root)] == ["0000003", "0000004"]
-    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+    with pytest.raises(ckpt.CheckpointError, match="no model.safetensors"):
         ckpt.load_checkpoint(str(tmp_path))
 
 

@@ -53,20 +53,75 @@ def _state_dict_for_safetensors(sd: dict) -> dict:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint directory is incomplete, truncated or corrupt; the message names the file."""
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def _os_error(e: BaseException, name: str) -> OSError | None:
+    """The I/O failure behind ``e``, if any: torch.save may re-raise a failed write as RuntimeError (the OSError
+    is in its context), safetensors (Rust) reports ENOSPC as text, '... (os error 28)'."""
+    seen = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return seen
+        found = re.search(r"\(os error (\d+)\)", str(seen))
+        if found:
+            code = int(found.group(1))
+            return OSError(code, os.strerror(code), name)
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _write_files(tmp: str, model_sd: dict, ema_sd: dict, train_state: dict, config: dict) -> None:
+    """The four files, each fsynced (a rename is only as durable as the data under it), mode 0666 & ~umask."""
+    writers = [
+        ("model.safetensors", lambda p: save_file(_state_dict_for_safetensors(model_sd), p)),
+        ("ema.safetensors", lambda p: save_file(_state_dict_for_safetensors(ema_sd), p)),
+        ("train_state.pt", lambda p: _write_with(p, lambda f: torch.save(train_state, f))),
+        ("config.json", lambda p: _write_with(p, lambda f: f.write(json.dumps(config, indent=2, sort_keys=True)
+                                                                   .encode()))),
+    ]
+    mode = 0o666 & ~_umask()  # safetensors and torch write 0600/0644 regardless; the project rule is the umask
+    for name, write in writers:
+        path = os.path.join(tmp, name)
+        try:
+            write(path)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException as e:
+            err = _os_error(e, name)
+            if err is None:
+                raise
+            raise OSError(err.errno, f"{name}: {err.strerror or err}") from e
+        os.chmod(path, mode)
+
+
+def _write_with(path: str, write) -> None:
+    """``write(file)`` into an open Python file: torch.save to a path loses the errno (ENOSPC becomes a bare
+    RuntimeError), a Python file object raises the OSError itself."""
+    with open(path, "wb") as f:
+        write(f)
+
+
 def save_checkpoint(root: str, step: int, *, model_sd: dict, ema_sd: dict, train_state: dict,
                     config: dict, keep_last: int | None = None) -> str:
-    """Write one checkpoint atomically and prune to the newest ``keep_last``; returns its path."""
+    """Write one checkpoint atomically and prune to the newest ``keep_last`` (None/0: keep all); returns its path."""
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"{step:07d}")
     tmp = f"{final}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
-        save_file(_state_dict_for_safetensors(model_sd), os.path.join(tmp, "model.safetensors"))
-        save_file(_state_dict_for_safetensors(ema_sd), os.path.join(tmp, "ema.safetensors"))
-        torch.save(train_state, os.path.join(tmp, "train_state.pt"))
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
+        _write_files(tmp, model_sd, ema_sd, train_state, config)
         if os.path.exists(final):  # re-saving a step (e.g. resumed run ends where it started)
             old = f"{final}.old-{os.getpid()}"
             os.replace(final, old)
@@ -74,50 +129,76 @@ def save_checkpoint(root: str, step: int, *, model_sd: dict, ema_sd: dict, train
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
+        _fsync_dir(root)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and e.errno is not None:  # disk full, quota, I/O error: say what survived
             prev = latest_checkpoint(root)
             raise OSError(e.errno, f"writing checkpoint {final} failed ({e.strerror or e}); nothing was published "
                           f"(its temporary directory is removed) and the previous checkpoint "
-                          f"{prev or '(none yet)'} is intact. Free space and resume with --resume auto") from e
+                          f"{prev + ' is intact' if prev else '(none yet) is not affected'}. Free space and rerun "
+                          f"the same command (it resumes from the newest checkpoint)") from e
         raise
     for name in os.listdir(root):  # leftovers of killed runs: never read (temp dirs are not checkpoints)
         if re.fullmatch(r"\d{7}\.(tmp|old)-\d+", name):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-    if keep_last:
+    if keep_last and keep_last > 0:
         for old in list_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def load_checkpoint(path: str, map_location="cpu") -> dict:
     """Read a checkpoint directory: ``{"model", "ema", "train_state", "config"}``.
 
-    Raises FileNotFoundError naming the missing file and what to do.
+    Raises CheckpointError naming the missing, truncated or corrupt file (``--resume auto`` then falls back to
+    the previous checkpoint), and ValueError for a train_state.pt that would need unpickling code (never
+    fallen back from: it is not damage, it is someone else's file).
     """
     need = ["model.safetensors", "ema.safetensors", "train_state.pt", "config.json"]
     for name in need:
         if not os.path.isfile(os.path.join(path, name)):
-            raise FileNotFoundError(
+            raise CheckpointError(
                 f"checkpoint {path!r} has no {name}; pass a directory written by repa-train "
                 f"(<output-dir>/<exp-name>/checkpoints/<step>) or --resume auto")
-    with open(os.path.join(path, "config.json")) as f:
-        config = json.load(f)
-    state_path = os.path.join(path, "train_state.pt")
+    out = {}
+    for key, name, read in (("config", "config.json", _read_json),
+                            ("train_state", "train_state.pt", lambda p: _read_state(p, map_location)),
+                            ("model", "model.safetensors", load_file), ("ema", "ema.safetensors", load_file)):
+        try:
+            out[key] = read(os.path.join(path, name))
+        except ValueError as e:
+            if "refused to unpickle" in str(e):
+                raise
+            raise CheckpointError(f"{name} is corrupt ({type(e).__name__}: {e})") from None
+        except Exception as e:  # noqa: BLE001 - safetensors/torch report truncation with their own types
+            raise CheckpointError(f"{name} is truncated or corrupt ({type(e).__name__}: {e})") from None
+    return out
+
+
+def _read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _read_state(state_path: str, map_location) -> dict:
     try:
-        train_state = torch.load(state_path, map_location=map_location, weights_only=True)
+        return torch.load(state_path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):
+            raise RuntimeError(str(e)) from None  # truncated or damaged, not a refused object
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
         raise ValueError(f"{state_path}: refused to unpickle: it holds objects{f' ({found.group(1)})' if found else ''} "
                          f"other than tensors and plain containers, which repa-train never writes and which could "
                          f"run arbitrary code; resume only from checkpoints written by repa-train") from None
-    return {
-        "model": load_file(os.path.join(path, "model.safetensors")),
-        "ema": load_file(os.path.join(path, "ema.safetensors")),
-        "train_state": train_state,
-        "config": config,
-    }
 
 
 # ---------------------------------------------------------------- RNG states (weights_only-safe)

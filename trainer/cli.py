@@ -8,11 +8,13 @@ On CPU, for tests: torchrun --standalone --nproc_per_node 2 -m repa.trainer.cli 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
 
-from repa.trainer.train import NonFiniteLossError, TrainConfig, train
+from repa.trainer.guards import ConfigError
+from repa.trainer.train import BadRecordError, NonFiniteLossError, TrainConfig, _version, train
 
 D = TrainConfig()  # defaults live in one place
 
@@ -30,8 +32,9 @@ def _json_dict(ctx, param, value):
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--shards", required=True, help="Shard set from repa-preprocess: directory or URL (s3://, ...); "
-              "a directory holding exactly one shard set is accepted too.")
+@click.version_option(_version(), "--version", prog_name="repa-train")
+@click.option("--shards", "--data-dir", "shards", required=True, help="Shard set from repa-preprocess: directory "
+              "or URL (s3://, ...); a directory holding exactly one shard set is accepted too.")
 @click.option("--storage-options", callback=_json_dict, default=None, help="fsspec options as JSON (object stores).")
 @click.option("--output-dir", default=D.output_dir)
 @click.option("--exp-name", required=True)
@@ -67,28 +70,55 @@ def _json_dict(ctx, param, value):
 @click.option("--num-workers", type=int, default=D.num_workers, help="DataLoader workers per process.")
 @click.option("--shuffle-window", type=int, default=D.shuffle_window)
 @click.option("--checkpointing-steps", type=int, default=D.checkpointing_steps)
-@click.option("--keep-last", type=int, default=D.keep_last, help="Keep only the newest K checkpoints (0: all).")
-@click.option("--resume", default=None, help="'auto' (newest checkpoint of this experiment, or a fresh start) "
-              "or a checkpoint directory.")
+@click.option("--keep-last", type=int, default=D.keep_last, help="Keep only the newest K checkpoints (0: all; "
+              "nothing else is ever deleted).")
+@click.option("--resume", default=D.resume, help="'auto': continue from the newest intact checkpoint of this "
+              "experiment (a fresh start if it has none), so rerunning the same command (a SLURM requeue) "
+              "continues; or a checkpoint directory.")
+@click.option("--resume-step", type=int, default=None, help="Resume from checkpoints/<step> of this experiment "
+              "(shorthand for --resume <output-dir>/<exp-name>/checkpoints/<step:07d>).")
+@click.option("--skip-bad", is_flag=True, default=D.skip_bad, help="Skip corrupt records (counted in metrics.jsonl "
+              "as skipped_records and in the log) instead of stopping with a checkpoint.")
+@click.option("--requeue-signal", default=D.requeue_signal, help="Signal that means 'checkpoint, then exit 0' "
+              "(besides SIGTERM/SIGINT), e.g. for sbatch --signal=USR1@120; 'none' to disable.")
 @click.option("--report-to", type=click.Choice(["none", "tensorboard", "wandb"]), default=D.report_to,
               help="Tracker; <output-dir>/<exp-name>/metrics.jsonl is written in any case.")
 @click.option("--sampling-steps", type=int, default=D.sampling_steps, help="EMA preview grid every N steps (0: off).")
 @click.option("--num-preview", type=int, default=D.num_preview)
 @click.option("--preview-steps", type=int, default=D.preview_steps, help="Euler steps of the preview sampler.")
 @click.option("--preview-cfg", type=float, default=D.preview_cfg)
+@click.option("--preview-vae", default=None, help="VAE folder for decoding previews when the shards' VAE folder "
+              "(manifest vae.id) has moved.")
+@click.option("--progress/--no-progress", default=D.progress, help="tqdm progress bar.")
 @click.option("--haste/--no-haste", default=None, help="HASTE attention alignment (default: on iff the shards "
               "were written with repa-preprocess --haste).")
 @click.option("--attn-coeff", type=float, default=D.attn_coeff)
 @click.option("--early-stop-point", type=int, default=D.early_stop_point,
               help="HASTE: first step without any alignment (no teacher data is read from then on).")
 def main(**kwargs):
-    """Train SiT with REPA (or HASTE) on a cached shard set."""
+    """Train SiT with REPA (or HASTE) on a cached shard set.
+
+    Exit codes: 0 done, or stopped by SIGTERM/SIGINT/--requeue-signal after writing a checkpoint (rerun the same
+    command to continue); 1 the run failed (non-finite loss, corrupt record, disk full, experiment locked by
+    another run); 2 a flag or input was refused before any work.
+    """
+    from repa.shards.lock import LockHeld
     kwargs["compile"] = kwargs.pop("compile_")
+    step = kwargs.pop("resume_step")
+    if step is not None:
+        kwargs["resume"] = os.path.join(kwargs["output_dir"], kwargs["exp_name"], "checkpoints", f"{step:07d}")
     cfg = TrainConfig(**kwargs)
     try:
         train(cfg)
-    except NonFiniteLossError as e:
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
+    except (NonFiniteLossError, BadRecordError, LockHeld) as e:
         click.echo(f"Error: {e}", err=True)
+        sys.exit(1)
+    except OSError as e:
+        if e.errno is None:
+            raise
+        click.echo(f"Error: {e.strerror or e}", err=True)
         sys.exit(1)
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None

@@ -20,15 +20,16 @@ import json
 import logging
 import math
 import os
-import signal
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
 from repa.trainer import checkpoint as ckpt
+from repa.trainer import guards, preempt, resume
 from repa.trainer.ema import make_ema, update_ema
+from repa.trainer.guards import ConfigError
 from repa.trainer.haste import HasteConfig, attention_alignment_loss, default_haste_config
 from repa.trainer.loss import REPALoss
 from repa.trainer.metrics import JsonlWriter, PreviewDecoder, check_report_to, euler_preview, save_png, to_grid
@@ -76,7 +77,11 @@ class TrainConfig:
     # checkpoints / logging
     checkpointing_steps: int = 50_000
     keep_last: int = 0  # 0 = keep all
-    resume: str | None = None  # "auto" or a checkpoint directory
+    resume: str | None = "auto"  # "auto" (newest intact checkpoint of this experiment, else a fresh start) or a dir
+    skip_bad: bool = False  # skip (and count) corrupt records instead of stopping
+    requeue_signal: str = "USR1"  # besides SIGTERM/SIGINT: checkpoint, then exit 0 ("none" to disable)
+    preview_vae: str | None = None  # where the preview decoder finds the shards' VAE if its folder moved
+    progress: bool = True  # the tqdm bar
     report_to: str = "none"
     sampling_steps: int = 10_000
     num_preview: int = 16
@@ -217,26 +222,9 @@ def compute_loss(model, loss_fn: REPALoss, batch: dict, *, scale, bias, feats: l
 
 # ---------------------------------------------------------------- the loop
 
-class _StopFlag:
-    """SIGTERM/SIGINT set a flag; the loop checkpoints at the end of the current step and exits 0."""
 
-    def __init__(self):
-        self.set = False
-        self.previous = {}
-
-    def install(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self.previous[sig] = signal.signal(sig, self._handler)
-            except ValueError:  # not the main thread (e.g. a notebook worker): no pre-emption handling
-                pass
-
-    def _handler(self, signum, frame):
-        self.set = True
-
-    def restore(self):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+class BadRecordError(RuntimeError):
+    """A corrupt record mid-run without --skip-bad: the run stopped after saving its last good step."""
 
 
 def build_loader(cfg: TrainConfig, shards_url: str, fields, rank: int, world: int, micro_batch: int):
@@ -244,8 +232,20 @@ def build_loader(cfg: TrainConfig, shards_url: str, fields, rank: int, world: in
     from repa.shards import ShardStream, make_loader
     stream = ShardStream(shards_url, micro_batch, fields=fields, shuffle=True, seed=cfg.seed, infinite=True,
                          shuffle_window=cfg.shuffle_window, rank=rank, world_size=world, drop_last=True,
-                         storage_options=cfg.storage_options or None)
-    return make_loader(stream, num_workers=cfg.num_workers)
+                         skip_bad=cfg.skip_bad, storage_options=cfg.storage_options or None)
+    return make_loader(stream, num_workers=cfg.num_workers, **_worker_signals(cfg.requeue_signal))
+
+
+def _worker_signals(requeue_signal: str | None) -> dict:
+    """Reader workers ignore the stop signals (a signal to the process group reaches them too; the main process
+    decides when to stop), the requeue signal included."""
+    import inspect
+    from repa.shards import make_loader, reader
+    default = getattr(reader, "WORKER_IGNORED_SIGNALS", None)
+    if default is None or "ignore_signals" not in inspect.signature(make_loader).parameters:
+        return {}
+    extra = preempt.parse_signal(requeue_signal)
+    return {"ignore_signals": tuple(dict.fromkeys([*default, *([extra] if extra else [])]))}
 
 
 class RngNeutral:
@@ -261,6 +261,58 @@ class RngNeutral:
             return next(self.it)
 
 
+class RankData:
+    """This rank's micro-batches. The reader reads the fields of the current HASTE phase and is rebuilt, its
+    position kept, at the switch. A corrupt record (ShardError, without --skip-bad) is kept in ``error`` and
+    answered with all-zero batches, so this rank still joins the step's collectives and all ranks stop together
+    after saving the last good step."""
+
+    def __init__(self, cfg, shards_url, rank, world, micro_batch, fields_of, device, step):
+        self.build = lambda fields: build_loader(cfg, shards_url, fields, rank, world, micro_batch)
+        self.fields_of, self.device, self.micro_batch = fields_of, device, micro_batch
+        self.fields = fields_of(step)
+        self.loader = self.build(self.fields)
+        self.it = None
+        self.error: str | None = None
+        self.skipped_before = 0  # records skipped by readers replaced at the HASTE switch
+
+    def start(self, position: dict | None) -> None:
+        if position is not None:
+            self.loader.load_state_dict(position)
+        self.it = RngNeutral(self.loader)
+
+    def switch(self, step: int) -> bool:
+        """Rebuild the reader if the step needs other fields (HASTE early stop); True if it did."""
+        fields = self.fields_of(step)
+        if fields == self.fields:
+            return False
+        position, self.skipped_before = self.loader.state_dict(), self.skipped
+        self.fields, self.loader = fields, self.build(fields)
+        self.start(position)
+        return True
+
+    @property
+    def skipped(self) -> int:
+        return self.skipped_before + self.loader.skipped
+
+    def next(self) -> dict:
+        from repa.shards import ShardError
+        if self.error is None:
+            try:
+                return {k: v.to(self.device, non_blocking=True) for k, v in next(self.it).items()}
+            except ShardError as e:  # raised in a worker, re-raised here with the worker's traceback around it
+                self.error = str(e).strip().splitlines()[-1].removeprefix("repa.shards.reader.ShardError: ")
+        return self.zeros()
+
+    def zeros(self) -> dict:
+        from repa.shards import decode_batch
+        specs = self.loader.stream.manifest.fields
+        out = {f: decode_batch(torch.zeros(self.micro_batch, specs[f].nbytes, dtype=torch.uint8), specs[f])
+               for f in self.loader.stream.fields}
+        out["key"] = torch.full((self.micro_batch,), -1)
+        return {k: v.to(self.device) for k, v in out.items()}
+
+
 def make_accelerator(cfg: TrainConfig, log_with: str | None, find_unused: bool, project_dir: str):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
@@ -270,164 +322,228 @@ def make_accelerator(cfg: TrainConfig, log_with: str | None, find_unused: bool, 
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)])
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Run (or resume) a training run; returns {"step", "checkpoint", "exp_dir"}."""
+# ---------------------------------------------------------------- set-up: everything that can be wrong fails here
+
+@dataclass
+class Plan:
+    """What the flags and the shard manifest imply, checked before any process group or file is touched."""
+    shards_url: str
+    manifest: object
+    model_kwargs: dict
+    feats: list
+    haste_on: bool
+    log_with: str | None
+    exp_dir: str
+    ckpt_root: str
+
+
+def plan_run(cfg: TrainConfig) -> Plan:
     from repa.shards import read_manifest
-    from accelerate.utils import set_seed
-
-    # ---- shards, dimensions, flags: everything that can be wrong fails here, before step 1
-    shards_url = resolve_shards(cfg.shards, cfg.storage_options)
-    manifest = read_manifest(shards_url, storage_options=cfg.storage_options or None)
-    model_kwargs = plan_model(cfg, manifest, shards_url)
+    guards.validate_flags(cfg)
     if cfg.mixed_precision not in ("no", "fp16", "bf16"):
-        raise ValueError(f"--mixed-precision must be no|fp16|bf16, got {cfg.mixed_precision!r}")
-    log_with = check_report_to(cfg.report_to)
+        raise ConfigError(f"--mixed-precision must be no|fp16|bf16, got {cfg.mixed_precision!r}")
+    try:
+        preempt.parse_signal(cfg.requeue_signal)
+        shards_url = resolve_shards(cfg.shards, cfg.storage_options)
+        manifest = read_manifest(shards_url, storage_options=cfg.storage_options or None)
+        model_kwargs = plan_model(cfg, manifest, shards_url)
+        log_with = check_report_to(cfg.report_to)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(str(e)) from None
+    guards.check_records(manifest, shards_url)
     prov = manifest.provenance
-    feats = teacher_fields(manifest)
-    haste_prov = prov.get("haste")
-    haste_on = bool(haste_prov) if cfg.haste is None else cfg.haste
-    if haste_on and not haste_prov:
-        raise ValueError(f"--haste needs shards written with repa-preprocess --haste; {shards_url} has "
-                         f"provenance.haste = null")
-    exp_dir = os.path.join(cfg.output_dir, cfg.exp_name)
-    ckpt_root = ckpt.checkpoint_root(cfg.output_dir, cfg.exp_name)
+    haste_on = bool(prov.get("haste")) if cfg.haste is None else cfg.haste
+    if haste_on and not prov.get("haste"):
+        raise ConfigError(f"--haste needs shards written with repa-preprocess --haste; {shards_url} has "
+                          f"provenance.haste = null")
+    guards.check_preview_vae(cfg, prov)
+    return Plan(shards_url, manifest, model_kwargs, teacher_fields(manifest), haste_on, log_with,
+                os.path.join(cfg.output_dir, cfg.exp_name), ckpt.checkpoint_root(cfg.output_dir, cfg.exp_name))
 
-    accelerator = make_accelerator(cfg, log_with, find_unused=haste_on, project_dir=exp_dir)
-    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    accum = cfg.gradient_accumulation_steps
-    if cfg.batch_size % (world * accum):
-        raise ValueError(f"--batch-size {cfg.batch_size} (global) must be divisible by processes ({world}) x "
-                         f"--gradient-accumulation-steps ({accum})")
-    micro_batch = cfg.batch_size // (world * accum)
-    log = _make_logger(exp_dir if accelerator.is_main_process else None)
-    log.info(f"processes={world} device={device} mixed_precision={cfg.mixed_precision} "
-             f"global_batch={cfg.batch_size} micro_batch={micro_batch} grad_accum={accum}")
-    log.info(f"shards {shards_url}: {manifest.num_records} records, latent {tuple(manifest.fields['moments'].shape)}, "
-             f"teachers {feats}, vae {(prov.get('vae') or {}).get('id')}")
-    if cfg.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
 
-    # ---- model, EMA, optimizer (same init on every rank, then per-rank RNG seed + rank)
-    torch.manual_seed(cfg.seed)
-    model = SiT(**model_kwargs)
-    model.grad_checkpointing = cfg.grad_checkpointing
-    ema = make_ema(model)
-    haste = _setup_haste(cfg, prov, model_kwargs, accelerator) if haste_on else None
-    if cfg.compile:
-        model.compile()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
-    log.info(f"SiT {cfg.model} {json.dumps(model_kwargs)}: {sum(p.numel() for p in model.parameters()):,} parameters")
+def claim_experiment(cfg: TrainConfig, plan: Plan, accelerator, stack) -> dict:
+    """Rank 0 takes the experiment's lock, checks the folders, picks the checkpoint, compares its flags and trims
+    metrics.jsonl, all while holding the lock; every rank gets the decision (or the refusal) by broadcast.
 
-    # ---- resume: weights before prepare, optimizer/scaler after
-    global_step, state = 0, None
-    resume_path = _resume_path(cfg.resume, ckpt_root)
-    if resume_path:
-        loaded = ckpt.load_checkpoint(resume_path)
-        if loaded["config"]["model"]["kwargs"] != json.loads(json.dumps(model_kwargs)):
-            raise ValueError(f"--resume {resume_path}: its model config {loaded['config']['model']['kwargs']} "
-                             f"differs from this run's {model_kwargs}; use the same --model/--model-kwargs")
-        model.load_state_dict(loaded["model"])
-        ema.load_state_dict(loaded["ema"])
-        state = loaded["train_state"]
-        global_step = int(state["step"])
-        log.info(f"resumed from {resume_path} at step {global_step}")
-    elif cfg.resume == "auto":
-        log.info(f"--resume auto: no checkpoint under {ckpt_root}, starting from step 0")
-    model, optimizer = accelerator.prepare(model, optimizer)
-    raw_model = accelerator.unwrap_model(model)
-    ema.to(device)
+    Returns {"path", "changes", "history", "loaded" (rank 0 only)}."""
+    from accelerate.utils import broadcast_object_list
+    from repa.shards.lock import LockHeld, OutputLock
+    decision, loaded, log, failed = {"error": None}, None, None, None
+    if accelerator.is_main_process:
+        try:
+            guards.check_writable(plan.exp_dir, "output folder")
+            lock = stack.enter_context(OutputLock(plan.exp_dir, stage="repa-train"))
+            log = _make_logger(plan.exp_dir)
+            stack.callback(_close_logger, log)
+            if lock.previous:
+                log.warning(f"took over the lock {lock.path} of a run that did not release it: {lock.previous}")
+            if os.path.isdir(plan.ckpt_root):  # a refused resume must not leave an empty checkpoint folder behind
+                guards.check_writable(plan.ckpt_root, "checkpoint folder")
+            path, loaded = resume.choose_checkpoint(cfg.resume, plan.ckpt_root, log)
+            identity = resume.data_identity(plan.manifest)
+            changes = resume.resume_changes(loaded["config"], cfg, identity, path) if loaded else {}
+            _check_model_kwargs(loaded, path, plan.model_kwargs)
+            guards.check_writable(plan.ckpt_root, "checkpoint folder")
+            resume.trim_metrics(os.path.join(plan.exp_dir, "metrics.jsonl"), _loaded_step(loaded), log)
+            decision.update(path=path, changes=changes,
+                            history=resume.history(loaded and loaded["config"], path, changes))
+        except Exception as e:  # noqa: BLE001 - every rank must hear of it, or the others wait forever
+            failed, decision["error"] = e, [type(e).__name__, str(e)]
+    decision = broadcast_object_list([decision])[0]
+    if failed is not None:
+        raise failed
+    if decision["error"]:
+        kind, msg = decision["error"]
+        raise {"LockHeld": LockHeld, "ConfigError": ConfigError}.get(kind, RuntimeError)(f"rank 0: {msg}")
+    return {**decision, "loaded": loaded, "log": log}
+
+
+def _loaded_step(loaded) -> int:
+    return int(loaded["train_state"]["step"]) if loaded else 0
+
+
+def _check_model_kwargs(loaded, path, model_kwargs) -> None:
+    if loaded and loaded["config"]["model"]["kwargs"] != json.loads(json.dumps(model_kwargs)):
+        raise ConfigError(f"--resume {path}: its model config {loaded['config']['model']['kwargs']} differs from "
+                          f"this run's {model_kwargs}; use the same --model/--model-kwargs")
+
+
+def restore(cfg, claim, model, ema, log) -> dict | None:
+    """Weights into the model and EMA (before accelerate.prepare); returns the train state or None."""
+    if not claim["path"]:
+        if cfg.resume in (None, "auto"):
+            log.info("no checkpoint in this experiment yet: starting from step 0")
+        return None
+    loaded = claim["loaded"] or ckpt.load_checkpoint(claim["path"])
+    model.load_state_dict(loaded["model"])
+    ema.load_state_dict(loaded["ema"])
+    log.info(f"resuming from {claim['path']} (step {_loaded_step(loaded)})")
+    for name, (old, new) in claim["changes"].items():
+        log.info(f"resume: --{name.replace('_', '-')} {guards.show(old)} -> {guards.show(new)} (applied)")
+    return loaded["train_state"]
+
+
+def restore_optimizer(cfg, state, optimizer, accelerator) -> None:
+    """Optimizer and scaler state, then this run's optimizer flags (applied on resume, resume.APPLIED_ON_RESUME)."""
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         if accelerator.scaler is not None and state.get("scaler"):
             accelerator.scaler.load_state_dict(state["scaler"])
-    if haste is not None and haste.config.active(global_step):  # fail fast, before step 1
-        haste.teacher = haste.load_teacher()
+    for group in optimizer.param_groups:
+        group.update(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                     weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
 
-    # ---- data: HASTE phase II reads no teacher data at all
-    def phase_fields(step):
-        if haste is None:
-            return ["moments", *feats]
-        if not haste.config.active(step):
-            return ["moments"]
-        return ["moments", *[f for f in feats if f != f"feat.{haste.teacher_index}"], haste.field]
 
-    fields = phase_fields(global_step)
-    loader = build_loader(cfg, shards_url, fields, rank, world, micro_batch)
-    set_seed(cfg.seed + rank)
-    if state is not None:
-        if int(state.get("world_size", world)) == world:
-            loader.load_state_dict(state["ranks"][rank]["loader"])
-        else:
-            log.warning(f"--resume: checkpoint was written by {state.get('world_size')} processes, this run has "
-                        f"{world}; the data order and RNG restart (not bitwise-resumable)")
-            set_seed(cfg.seed + rank + 1_000_003 * global_step)
-    data = RngNeutral(loader)
-    if state is not None and int(state.get("world_size", world)) == world:
-        ckpt.set_rng_state(state["ranks"][rank]["rng"])
+def exact_resume(state, cfg, world, rank, log) -> bool:
+    """A bitwise resume needs the same world size and worker count (the reader's slots); otherwise warn."""
+    if state is None:
+        return False
+    was = (int(state.get("world_size", world)), int(state["ranks"][0]["loader"].get("num_workers", cfg.num_workers)))
+    if was == (world, cfg.num_workers):
+        return True
+    log.warning(f"resume: the checkpoint was written by {was[0]} processes x {was[1]} reader workers, this run has "
+                f"{world} x {cfg.num_workers}; weights and optimizer continue, the data order and RNG restart "
+                f"(not bitwise-resumable)")
+    return False
 
-    scale = torch.tensor((prov.get("vae") or {}).get("scale", [1.0] * model_kwargs["in_channels"]),
-                         device=device).view(1, -1, 1, 1)
-    bias = torch.tensor((prov.get("vae") or {}).get("bias", [0.0] * model_kwargs["in_channels"]),
-                        device=device).view(1, -1, 1, 1)
-    loss_fn = REPALoss(prediction=cfg.prediction, path_type=cfg.path_type, weighting=cfg.weighting)
-    run_config = {"model": {"name": cfg.model, "kwargs": model_kwargs}, "data": prov, "args": cfg.to_json(),
-                  "repa_version": _version()}
-    preview = _Preview(cfg, model_kwargs, prov, device) if accelerator.is_main_process and cfg.sampling_steps else None
-    metrics = JsonlWriter(os.path.join(exp_dir, "metrics.jsonl")) if accelerator.is_main_process else None
-    if log_with:
-        accelerator.init_trackers("REPA" if haste is None else "HASTE", config=_flat(cfg.to_json()))
 
-    def save(step):
-        return _save(accelerator, ckpt_root, step, raw_model, ema, optimizer, loader, run_config, cfg.keep_last)
+# ---------------------------------------------------------------- the loop
 
-    stop = _StopFlag()
-    stop.install()
-    last_ckpt = resume_path
-    saved_at = global_step if resume_path else None
-    from tqdm.auto import tqdm
-    bar = tqdm(total=cfg.max_train_steps, initial=global_step, disable=not accelerator.is_main_process,
-               dynamic_ncols=True, desc="train")
-    model.train()
-    t_last = time.perf_counter()
-    try:
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) a training run; returns {"step", "checkpoint", "exp_dir"}."""
+    from accelerate.utils import set_seed
+    plan = plan_run(cfg)  # flags, shards, dimensions, preview VAE: refused here, before any process group
+    accelerator = make_accelerator(cfg, plan.log_with, find_unused=plan.haste_on, project_dir=plan.exp_dir)
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    accum, prov, feats = cfg.gradient_accumulation_steps, plan.manifest.provenance, plan.feats
+    if cfg.batch_size % (world * accum):
+        raise ConfigError(f"--batch-size {cfg.batch_size} (global) must be divisible by processes ({world}) x "
+                          f"--gradient-accumulation-steps ({accum})")
+    micro_batch = cfg.batch_size // (world * accum)
+    with ExitStack() as stack:
+        claim = claim_experiment(cfg, plan, accelerator, stack)  # lock, folders, checkpoint, flag changes
+        log = claim["log"]
+        if log is None:  # other ranks: warnings only
+            log = _make_logger(None)
+            stack.callback(_close_logger, log)
+        _log_start(log, cfg, plan, world, device, micro_batch)
+        model, ema, optimizer, haste = build_model(cfg, plan, accelerator, log)
+        state = restore(cfg, claim, model, ema, log)  # weights before prepare, optimizer/scaler after
+        global_step = int(state["step"]) if state else 0
+        model, optimizer = accelerator.prepare(model, optimizer)
+        raw_model = accelerator.unwrap_model(model)
+        ema.to(device)
+        restore_optimizer(cfg, state, optimizer, accelerator)
+        if haste is not None and haste.config.active(global_step):  # fail fast, before step 1
+            haste.teacher = haste.load_teacher()
+        data = RankData(cfg, plan.shards_url, rank, world, micro_batch, _phase_fields(haste, feats), device,
+                        global_step)  # HASTE phase II reads no teacher data at all
+        exact = exact_resume(state, cfg, world, rank, log)
+        set_seed(cfg.seed + rank if state is None or exact else cfg.seed + rank + 1_000_003 * global_step)
+        data.start(state["ranks"][rank]["loader"] if exact else None)
+        if exact:
+            ckpt.set_rng_state(state["ranks"][rank]["rng"])
+        scale, bias = _latent_affine(prov, plan.model_kwargs, device)
+        loss_fn = REPALoss(prediction=cfg.prediction, path_type=cfg.path_type, weighting=cfg.weighting)
+        run_config = {"model": {"name": cfg.model, "kwargs": plan.model_kwargs}, "data": prov, "args": cfg.to_json(),
+                      "data_identity": resume.data_identity(plan.manifest), "history": claim["history"],
+                      "repa_version": _version()}
+        main = accelerator.is_main_process
+        preview = _Preview(cfg, plan.model_kwargs, prov, device) if main and cfg.sampling_steps else None
+        metrics = JsonlWriter(os.path.join(plan.exp_dir, "metrics.jsonl")) if main else None
+        if metrics is not None:
+            stack.callback(metrics.close)
+        if plan.log_with:
+            accelerator.init_trackers("REPA" if haste is None else "HASTE", config=_flat(cfg.to_json()))
+            stack.callback(accelerator.end_training)
+
+        def save(step, per_rank=None):
+            return _save(accelerator, plan.ckpt_root, step, raw_model, ema, optimizer, data.loader, run_config,
+                         cfg.keep_last, per_rank)
+
+        stop = preempt.StopFlag(cfg.requeue_signal).install()
+        stack.callback(stop.restore)
+        last_ckpt, saved_at, skipped_logged = claim["path"], global_step if claim["path"] else None, 0
+        from tqdm.auto import tqdm
+        bar = stack.enter_context(tqdm(total=cfg.max_train_steps, initial=global_step, dynamic_ncols=True,
+                                       desc="train", disable=not (main and cfg.progress)))
+        model.train()
+        t_last = time.perf_counter()
         while global_step < cfg.max_train_steps:
-            # HASTE stage-wise termination: from early_stop_point on, denoising only and no teacher I/O
-            if fields != phase_fields(global_step):
-                fields = phase_fields(global_step)
-                position = loader.state_dict()
-                loader = build_loader(cfg, shards_url, fields, rank, world, micro_batch)
-                loader.load_state_dict(position)
-                data = RngNeutral(loader)
-                haste.teacher = None  # free the teacher: phase II never runs it again
-                log.info(f"step {global_step}: HASTE early stop, alignment off; reading only {fields}")
+            if data.switch(global_step):  # HASTE stage-wise termination: denoising only, no teacher I/O
+                haste.teacher = None
+                log.info(f"step {global_step}: HASTE early stop, alignment off; reading only {data.fields}")
             phase1 = haste if (haste is not None and haste.config.active(global_step)) else None
             align = haste is None or phase1 is not None
+            before = {"rng": ckpt.rng_state(), "loader": data.loader.state_dict()}  # the last good step, if needed
             stats = torch.zeros(3, device=device)
             step_batches = []  # kept only to name the cause if the loss is not finite
             for micro in range(accum):
-                batch = {k: v.to(device, non_blocking=True) for k, v in next(data).items()}
+                batch = data.next()
                 step_batches.append(batch)
-                sync = micro == accum - 1
-                with nullcontext() if sync else accelerator.no_sync(model):
+                with nullcontext() if micro == accum - 1 else accelerator.no_sync(model):
                     loss, parts = compute_loss(
                         model, loss_fn, batch, scale=scale, bias=bias, feats=feats if align else [],
                         proj_coeff=cfg.proj_coeff if align else 0.0, haste=phase1)
                     accelerator.backward(loss / accum)
                 stats += parts / accum
-            # one collective per step: the logged losses (mean over ranks) and the stop flag
-            reduced = accelerator.reduce(torch.cat([stats, torch.tensor([float(stop.set)], device=device)]),
-                                         reduction="sum").tolist()
+            # the step's one collective and its one forced host sync (.tolist(): the values drive the control
+            # flow of every rank): logged losses, stop flag, bad-record flag, skipped-record count
+            flags = torch.tensor([float(stop.set), float(data.error is not None), float(data.skipped)], device=device)
+            reduced = accelerator.reduce(torch.cat([stats, flags]), reduction="sum").tolist()
             denoise, proj, attn = (v / world for v in reduced[:3])
+            if reduced[4] > 0:  # a corrupt record on some rank: this step is void; save the last good one, stop
+                optimizer.zero_grad(set_to_none=True)
+                if global_step and saved_at != global_step:
+                    last_ckpt, saved_at = save(global_step, before), global_step
+                raise BadRecordError(_bad_record_msg(data.error, global_step, last_ckpt, plan.shards_url))
             if not all(math.isfinite(v) for v in (denoise, proj, attn)):
                 raise NonFiniteLossError(_nonfinite_msg(global_step + 1, denoise, proj, last_ckpt,
-                                                        cause=_nonfinite_cause(step_batches, shards_url)))
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            grad_norm = float(grad_norm)
+                                                        cause=_nonfinite_cause(step_batches, plan.shards_url)))
+            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))  # logged: sync
             if not math.isfinite(grad_norm) and cfg.mixed_precision != "fp16":  # fp16: the scaler skips the step
                 raise NonFiniteLossError(_nonfinite_msg(global_step + 1, denoise, proj, last_ckpt, grad_norm,
-                                                        cause=_nonfinite_cause(step_batches, shards_url)))
+                                                        cause=_nonfinite_cause(step_batches, plan.shards_url)))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             update_ema(ema, raw_model, cfg.ema_decay)
@@ -437,13 +553,18 @@ def train(cfg: TrainConfig) -> dict:
             now = time.perf_counter()
             dt, t_last = now - t_last, now
             record = {"step": global_step, "loss": denoise, "proj_loss": proj, "grad_norm": grad_norm,
-                      "lr": optimizer.param_groups[0]["lr"], "steps_per_s": 1 / dt, "samples_per_s": cfg.batch_size / dt}
+                      "lr": optimizer.param_groups[0]["lr"], "steps_per_s": 1 / dt, "samples_per_s": cfg.batch_size / dt,
+                      "skipped_records": int(reduced[5])}
             if haste is not None:
                 record["attn_loss"] = attn
             if metrics is not None:
                 metrics.write({**record, "time": time.time()})
-            if log_with:
+            if plan.log_with:
                 accelerator.log(record, step=global_step)
+            if int(reduced[5]) > skipped_logged:
+                skipped_logged = int(reduced[5])
+                log.warning(f"step {global_step}: skipped {skipped_logged} bad record(s) so far (--skip-bad); "
+                            f"re-create the damaged shards with repa-preprocess")
             bar.set_postfix(loss=f"{denoise:.4f}", proj=f"{proj:.4f}", gnorm=f"{grad_norm:.3f}",
                             samples_s=f"{cfg.batch_size / dt:.1f}", refresh=False)
             bar.update(1)
@@ -453,31 +574,68 @@ def train(cfg: TrainConfig) -> dict:
                 last_ckpt, saved_at = save(global_step), global_step
                 log.info(f"step {global_step}: saved checkpoint {last_ckpt}")
             if preview is not None and global_step % cfg.sampling_steps == 0:
-                preview(ema, os.path.join(exp_dir, "samples", f"{global_step:07d}.png"))
+                preview(ema, os.path.join(plan.exp_dir, "samples", f"{global_step:07d}.png"))
             if reduced[3] > 0:
-                log.info(f"step {global_step}: stop signal received, exiting after checkpoint {last_ckpt}")
+                log.info(f"step {global_step}: stop signal received: {stop.received or 'on another rank'}; "
+                         f"exiting after checkpoint {last_ckpt}")
                 break
         if saved_at != global_step:  # e.g. resumed at/after max_train_steps
             last_ckpt = save(global_step)
-    finally:
-        stop.restore()
-        bar.close()
-        if metrics is not None:
-            metrics.close()
-        if log_with:
-            accelerator.end_training()
-        for handler in list(log.handlers):
-            handler.close()
-            log.removeHandler(handler)
-    return {"step": global_step, "checkpoint": last_ckpt, "exp_dir": exp_dir}
+    return {"step": global_step, "checkpoint": last_ckpt, "exp_dir": plan.exp_dir}
 
 
 # ---------------------------------------------------------------- helpers
 
-def _save(accelerator, root, step, raw_model, ema, optimizer, loader, run_config, keep_last) -> str:
-    """Gather every rank's RNG + reader position to rank 0, which writes the checkpoint atomically."""
+def build_model(cfg, plan, accelerator, log):
+    """SiT, its EMA, the HASTE teacher plan and AdamW: the same init on every rank (seed, not seed + rank)."""
+    torch.manual_seed(cfg.seed)
+    model = SiT(**plan.model_kwargs)
+    model.grad_checkpointing = cfg.grad_checkpointing
+    ema = make_ema(model)
+    haste = _setup_haste(cfg, plan.manifest.provenance, plan.model_kwargs, accelerator) if plan.haste_on else None
+    if cfg.compile:
+        model.compile()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    log.info(f"SiT {cfg.model} {json.dumps(plan.model_kwargs)}: {sum(p.numel() for p in model.parameters()):,} "
+             f"parameters")
+    return model, ema, optimizer, haste
+
+
+def _phase_fields(haste, feats):
+    def fields(step):
+        if haste is None:
+            return ["moments", *feats]
+        if not haste.config.active(step):
+            return ["moments"]
+        return ["moments", *[f for f in feats if f != f"feat.{haste.teacher_index}"], haste.field]
+    return fields
+
+
+def _latent_affine(prov, model_kwargs, device):
+    vae = prov.get("vae") or {}
+    c = model_kwargs["in_channels"]
+    scale = torch.tensor(vae.get("scale", [1.0] * c), device=device).view(1, -1, 1, 1)
+    bias = torch.tensor(vae.get("bias", [0.0] * c), device=device).view(1, -1, 1, 1)
+    return scale, bias
+
+
+def _log_start(log, cfg, plan, world, device, micro_batch):
+    m = plan.manifest
+    log.info(f"processes={world} device={device} mixed_precision={cfg.mixed_precision} "
+             f"global_batch={cfg.batch_size} micro_batch={micro_batch} grad_accum={cfg.gradient_accumulation_steps}")
+    log.info(f"shards {plan.shards_url}: {m.num_records} records, latent {tuple(m.fields['moments'].shape)}, "
+             f"teachers {plan.feats}, vae {(m.provenance.get('vae') or {}).get('id')}")
+    if cfg.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def _save(accelerator, root, step, raw_model, ema, optimizer, loader, run_config, keep_last, per_rank=None) -> str:
+    """Gather every rank's RNG + reader position (now, or the ``per_rank`` snapshot) to rank 0, which writes the
+    checkpoint atomically."""
     from accelerate.utils import gather_object
-    per_rank = gather_object([{"rng": ckpt.rng_state(), "loader": loader.state_dict()}])
+    per_rank = gather_object([per_rank or {"rng": ckpt.rng_state(), "loader": loader.state_dict()}])
     path = os.path.join(root, f"{step:07d}")
     if accelerator.is_main_process:
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else {}
@@ -490,15 +648,13 @@ def _save(accelerator, root, step, raw_model, ema, optimizer, loader, run_config
     return path
 
 
-def _resume_path(resume: str | None, root: str) -> str | None:
-    if not resume:
-        return None
-    if resume == "auto":
-        return ckpt.latest_checkpoint(root)  # None: fresh start
-    if not os.path.isdir(resume):
-        raise FileNotFoundError(f"--resume {resume}: no such checkpoint directory; pass "
-                                f"<output-dir>/<exp-name>/checkpoints/<step> or --resume auto")
-    return resume
+def _bad_record_msg(error: str | None, step: int, last_ckpt: str | None, shards_url: str) -> str:
+    what = error or f"another rank read a corrupt record of {shards_url} (its log names the shard and key)"
+    saved = (f"saved checkpoint {last_ckpt} (step {step}, the last good step)" if last_ckpt
+             else "no step was completed, nothing to save")
+    return (f"{what}. Stopped; {saved}. Re-create that shard (delete it and rerun repa-preprocess: it redoes "
+            f"missing shards), or pass --skip-bad to skip and count bad records; then rerun the same command "
+            f"to resume")
 
 
 def _setup_haste(cfg: TrainConfig, prov: dict, model_kwargs: dict, accelerator) -> HasteOnline:
@@ -534,7 +690,8 @@ class _Preview:
         c, s = model_kwargs["in_channels"], model_kwargs["input_size"]
         self.noise = torch.randn(cfg.num_preview, c, s, s, generator=g).to(device)
         self.labels = torch.randint(model_kwargs["num_classes"], (cfg.num_preview,), generator=g).to(device)
-        self.decode = PreviewDecoder(prov, device)
+        vae = {**(prov.get("vae") or {}), **({"id": cfg.preview_vae} if cfg.preview_vae else {})}
+        self.decode = PreviewDecoder({**prov, "vae": vae}, device)
         # a model trained without label dropout (--cfg-prob 0) has no null class to guide with
         self.steps = cfg.preview_steps
         self.cfg_scale = cfg.preview_cfg if model_kwargs.get("class_dropout_prob", 0.1) > 0 else 1.0
@@ -584,6 +741,12 @@ def _make_logger(exp_dir: str | None) -> logging.Logger:
         h.setFormatter(fmt)
         log.addHandler(h)
     return log
+
+
+def _close_logger(log: logging.Logger) -> None:
+    for handler in list(log.handlers):
+        handler.close()
+        log.removeHandler(handler)
 
 
 def _flat(d: dict) -> dict:

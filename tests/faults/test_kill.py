@@ -139,12 +139,16 @@ def test_train_sigkill_during_checkpoint_write(train_shards, tmp_path, one_threa
         import io
         buf = io.BytesIO()
         real_save(obj, buf)
-        Path(f).write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+        f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+        f.flush()
 
     real_save = torch.save
 
+    def is_train_state(obj, f, *a, **k):  # torch.save gets the open file (a path would lose the errno)
+        return str(getattr(f, "name", f)).endswith("train_state.pt")
+
     def killed_run():
-        kill_on_call(torch, "save", 2, before=half_written, when=lambda obj, f, *a, **k: str(f).endswith("train_state.pt"))
+        kill_on_call(torch, "save", 2, before=half_written, when=is_train_state)
         train(cfg)
 
     assert run_forked(killed_run) == -signal.SIGKILL
