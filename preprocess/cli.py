@@ -28,7 +28,9 @@ def _human(n: float) -> str:
 
 
 @click.command(help=f"Precompute VAE latents and teacher features into shards.\n\n{_SOURCES_HELP}",
-               context_settings={"show_default": True, "max_content_width": 110})
+               context_settings={"show_default": True, "max_content_width": 110,
+                                 "help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="repa", prog_name="repa-preprocess")
 @click.argument("source")
 @click.option("--res", type=int, default=256, help="ADM center-crop side (multiple of 16).")
 @click.option("--out", default=None, help="Output directory or object-store URL [default: shards/<source>-<res>].")

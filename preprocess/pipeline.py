@@ -11,15 +11,16 @@ One pass, overlapped: DataLoader workers read, decode and crop (`--num-workers`)
 models on batches (autocast, channels-last, optional torch.compile) and a writer thread encodes and writes
 records while the next batch is computed.
 
-Resume: `preprocess.json` (the settings fingerprint) is written next to the shards at the start; a rerun with
-the same settings keeps every shard that `completed_shards` reports and redoes the others (their temp files
-are removed first); different settings are refused. Skipped bad images (`--skip-bad`) are listed per shard in
-`preprocess-skipped/shard-XXXXXX.json`, written before the shard is closed, and merged into the manifest.
+Reruns (preprocess/resume.py): rank 0 holds the output lock for the whole run; the folder must be ours, the
+settings and the source fingerprint must match `preprocess.json` while finished shards exist; the settings
+are written once the models are loaded; finished shards are verified and bad ones redone; every other shard
+is redone. Skipped bad images (`--skip-bad`) are listed per shard in `preprocess-skipped/shard-XXXXXX.json`,
+written before the shard is closed, and merged into the manifest. SIGTERM/SIGINT/`--requeue-signal` stop
+the pass cleanly (preprocess/stop.py).
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import queue
 import threading
@@ -34,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from .crop import adm_center_crop, check_resolution
-from .resume import SETTINGS_FILE, PreprocessError
+from .resume import SETTINGS_FILE, PreprocessError  # noqa: F401  (re-exported)
 from .resume import join as _join
 from .resume import read_json as _read_json
 from .resume import write_json as _write_json
@@ -509,7 +510,8 @@ def run(opts: Options, echo: Callable[[str], None] = print) -> dict:
         mine = _resume_plan(out, plan, fields, opts, dist, echo)
         dist.barrier()
         summary = _pass(opts, source, n, out, plan, mine, models, fields, device, dist, echo)
-        dist.barrier()
+        if not dist.broadcast_ok(summary["stopped"] is None):  # every rank agrees: no manifest if any stopped
+            summary["stopped"] = summary["stopped"] or "a signal on another rank"
         summary["seconds"] = time.time() - t0
         if dist.rank == 0 and not summary["stopped"]:
             summary.update(_finalize(opts, source, n, out, plan, models, fields))

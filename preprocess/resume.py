@@ -19,7 +19,6 @@ The rules (each one keeps a rerun from mixing two datasets or deleting what is n
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Callable
 
 from .sources import Source
