@@ -23,10 +23,11 @@ The model may return a tuple/list ``(v, zs, ...)`` (SiT) or a bare tensor; the v
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
+
+from repa.trainer.loss import interpolant  # the one definition of the paths (training uses it too)
 
 __all__ = ["euler_sampler", "euler_maruyama_sampler", "get_score_from_velocity", "resolve_null_class"]
 
@@ -60,17 +61,9 @@ def get_score_from_velocity(vt: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,
 
     For the linear path this is ((t - 1) v - x) / t. Operation order follows the reference.
     """
-    t = _expand_t_like_x(t, xt)
-    if path_type == "linear":
-        alpha_t, d_alpha_t = 1 - t, torch.ones_like(xt) * -1
-        sigma_t, d_sigma_t = t, torch.ones_like(xt)
-    elif path_type == "cosine":
-        alpha_t = torch.cos(t * math.pi / 2)
-        sigma_t = torch.sin(t * math.pi / 2)
-        d_alpha_t = -math.pi / 2 * torch.sin(t * math.pi / 2)
-        d_sigma_t = math.pi / 2 * torch.cos(t * math.pi / 2)
-    else:
+    if path_type not in ("linear", "cosine"):
         raise ValueError(f"path_type must be 'linear' or 'cosine', got {path_type!r}")
+    alpha_t, sigma_t, d_alpha_t, d_sigma_t = interpolant(_expand_t_like_x(t, xt), path_type)
     reverse_alpha_ratio = alpha_t / d_alpha_t
     var = sigma_t ** 2 - reverse_alpha_ratio * d_sigma_t * sigma_t
     return (reverse_alpha_ratio * vt - xt) / var

@@ -197,3 +197,22 @@ def test_cfg_without_null_class_is_a_clear_error():
     euler_sampler(m, x, y, num_steps=2, cfg_scale=1.0)  # conditional sampling works
     with pytest.raises(ValueError, match="null-class embedding"):
         euler_sampler(m, x, y, num_steps=2, cfg_scale=1.5)
+
+
+@pytest.mark.parametrize("path", ["linear", "cosine"])
+def test_score_is_bitwise_the_reference_operation_order(path):
+    """The sampler takes the paths from repa.trainer.loss.interpolant (one definition); the score keeps the
+    reference samplers.py operation order to the bit (docs/reference.md §6.3)."""
+    import math
+    g = torch.Generator().manual_seed(2)
+    v, x = torch.randn(2, 5, 4, 8, 8, generator=g, dtype=torch.float64).unbind(0)
+    t = torch.rand(5, generator=g, dtype=torch.float64) * 0.96 + 0.04
+    tt = t.view(-1, 1, 1, 1)
+    if path == "linear":
+        a, s, da, ds = 1 - tt, tt, torch.ones_like(x) * -1, torch.ones_like(x)
+    else:
+        a, s = torch.cos(tt * math.pi / 2), torch.sin(tt * math.pi / 2)
+        da, ds = -math.pi / 2 * torch.sin(tt * math.pi / 2), math.pi / 2 * torch.cos(tt * math.pi / 2)
+    r = a / da
+    ref = (r * v - x) / (s ** 2 - r * ds * s)
+    assert torch.equal(get_score_from_velocity(v, x, t, path), ref)
