@@ -24,7 +24,7 @@ from .generate import STREAM_SDE, initial_noise, sample_generator
 from .npz import atomic_write_bytes, read_png, save_png, write_images_npz
 from .solvers import euler_maruyama_sampler, euler_sampler
 
-__all__ = ["read_prompts", "prompts_from_set", "load_t2i_model", "ContextRows", "sample_t2i", "run_t2i"]
+__all__ = ["read_prompts", "prompts_from_set", "reference_batch", "load_t2i_model", "ContextRows", "sample_t2i", "run_t2i"]
 
 CAPTIONS_FILE = "captions.json"  # written by repa-preprocess next to the shards
 
@@ -45,8 +45,14 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
-def prompts_from_set(set_dir: str, num: int | None = None, storage_options=None) -> list[tuple[int, str]]:
-    """(record key, first caption) of the first ``num`` records (by key) of a captioned shard set."""
+def prompts_from_set(set_dir: str, num: int | None = None, storage_options=None,
+                     seed: int | None = None) -> list[tuple[int, str]]:
+    """(record key, caption) pairs from a captioned shard set's captions.json.
+
+    ``seed`` None: the first caption of the first ``num`` records by key. With a seed: ``num`` records drawn
+    without replacement and one of each record's captions, uniformly (numpy default_rng(seed)): the
+    U-ViT MS-COCO protocol of 30K prompts drawn from the val captions.
+    """
     from repa.shards import storage
     url = storage.join(set_dir, CAPTIONS_FILE)
     if storage.size(url, storage_options) is None:
@@ -54,11 +60,26 @@ def prompts_from_set(set_dir: str, num: int | None = None, storage_options=None)
                          "repa-preprocess wrote from a captioned source (coco:, captions:, hf: --caption-column)")
     caps = json.loads(storage.read_bytes(url, storage_options))["captions"]
     keys = sorted(int(k) for k in caps)
-    if num is not None:
-        if num > len(keys):
-            raise ValueError(f"--num-fid-samples {num}: {set_dir} has only {len(keys)} captioned records")
-        keys = keys[:num]
-    return [(k, caps[str(k)][0]) for k in keys]
+    num = len(keys) if num is None else num
+    if num > len(keys):
+        raise ValueError(f"--num-fid-samples {num}: {set_dir} has only {len(keys)} captioned records")
+    if seed is None:
+        return [(k, caps[str(k)][0]) for k in keys[:num]]
+    rng = np.random.default_rng(seed)
+    picked = [keys[i] for i in rng.choice(len(keys), size=num, replace=False)]
+    return [(k, caps[str(k)][int(rng.integers(len(caps[str(k)])))]) for k in picked]
+
+
+def reference_batch(source, res: int, out_npz: str, keys=None) -> str:
+    """ADM-style reference .npz of a captioned source's images (ADM center crop at ``res``), in key order
+    (or the given ``keys``): the real-image side of an FID on e.g. MS-COCO val2014 at 256."""
+    from repa.preprocess.crop import adm_center_crop
+    keys = list(range(len(source))) if keys is None else [int(k) for k in keys]
+
+    def image(i):
+        img, _, _ = source.decode(source.get(keys[i]))
+        return adm_center_crop(img, res)
+    return write_images_npz(out_npz, len(keys), (res, res, 3), image)
 
 
 def load_t2i_model(ckpt: str, weights: str = "ema", device="cpu"):

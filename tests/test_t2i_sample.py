@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from repa.sampler.npz import load_images_npz, read_png
-from repa.sampler.t2i import prompts_from_set, read_prompts, run_t2i, sample_t2i
+from repa.sampler.t2i import prompts_from_set, read_prompts, reference_batch, run_t2i, sample_t2i
 from repa.trainer.mmdit import MMDiT
 from test_mmdit import _official_model, ref  # noqa: F401 (fixture)
 
@@ -47,6 +47,21 @@ def test_prompts_from_set(tmp_path):
         prompts_from_set(str(tmp_path), 4)
     with pytest.raises(ValueError, match="no captions.json"):
         prompts_from_set(str(tmp_path / "nope"))
+    drawn = prompts_from_set(str(tmp_path), 2, seed=3)
+    assert drawn == prompts_from_set(str(tmp_path), 2, seed=3) and len({k for k, _ in drawn}) == 2
+    caps = {0: ["zero", "y", "z"], 2: ["two"], 10: ["ten", "x"]}
+    assert all(c in caps[k] for k, c in drawn)
+
+
+def test_reference_batch_is_the_adm_crop(tmp_path):
+    from repa.preprocess.captions import CaptionsFolderSource
+    from repa.preprocess.crop import adm_center_crop
+    from test_t2i_preprocess import make_captions_folder
+    src = CaptionsFolderSource(make_captions_folder(str(tmp_path / "set"), n=3), "captions:set")
+    npz = reference_batch(src, 16, str(tmp_path / "ref.npz"))
+    images = load_images_npz(npz, mmap=False)
+    assert images.shape == (3, 16, 16, 3)
+    assert np.array_equal(images[2], adm_center_crop(src.decode(src.get(2))[0], 16))
 
 
 def _t2i_checkpoint(folder, clip: str) -> str:
