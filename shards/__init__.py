@@ -6,12 +6,12 @@ from .codecs import decode_batch, decode_field, encode_field
 from .manifest import Manifest, ManifestError, ShardInfo, read_manifest, write_manifest
 from .schema import SCHEMA_VERSION, FieldSpec, feature_spec, record_bytes
 from .storage import StorageError
-from .writer import ShardSetWriter, ShardWriter, completed_shards, finalize_manifest
+from .writer import ShardSetWriter, ShardWriter, cleanup_stale_uploads, completed_shards, finalize_manifest
 
 __all__ = [
     "SCHEMA_VERSION", "FieldSpec", "feature_spec", "record_bytes", "encode_field", "decode_field", "decode_batch",
     "Manifest", "ManifestError", "ShardInfo", "read_manifest", "write_manifest",
-    "ShardWriter", "ShardSetWriter", "completed_shards", "finalize_manifest", "StorageError",
+    "ShardWriter", "ShardSetWriter", "completed_shards", "finalize_manifest", "StorageError", "cleanup_stale_uploads",
 ]
 from .reader import ShardError, ShardLoader, ShardStream, make_loader  # noqa: E402
 

@@ -133,8 +133,9 @@ class ShardStream(IterableDataset):
             if f is None or f.size is None:  # listed in the manifest, absent from storage
                 if not self.skip_bad:
                     raise ShardError(f"{self._shard_url(i)}: listed in the manifest ({info.num_records} records) but "
-                                     "missing; restore it (or re-run repa-preprocess into the same --out, which "
-                                     "redoes missing shards) or pass skip_bad=True to skip its records") from None
+                                     "missing (deleted, or the shard set changed under the run); run repa-verify on "
+                                     "the set and rerun the same repa-preprocess command (it redoes missing shards), "
+                                     "or pass skip_bad=True to skip its records") from None
                 f = _MissingFile(self._shard_url(i))
             if f.size != info.nbytes and not (self.skip_bad and f.size < info.nbytes):
                 what = "shorter" if f.size < info.nbytes else "longer"

@@ -91,6 +91,25 @@ def is_transient(exc: BaseException) -> bool:
     return cause is not None and cause is not exc and is_transient(cause)
 
 
+_DENIED_WORDS = ("AccessDenied", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
+                 "InvalidToken", "InvalidClientTokenId", "Unauthorized")
+
+
+def is_access_denied(exc: BaseException) -> bool:
+    """Wrong or missing credentials (HTTP 401/403, S3 AccessDenied, ...): not worth retrying, say so."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        status = getattr(exc, "status", None) or getattr(exc, "status_code", None)
+        if isinstance(exc, PermissionError) or status in (401, 403) or any(w in str(exc) for w in _DENIED_WORDS):
+            return True
+        resp = getattr(exc, "response", None)
+        if isinstance(resp, dict) and resp.get("Error", {}).get("Code") in _DENIED_WORDS:
+            return True
+        exc = exc.__cause__
+    return False
+
+
 def retry(fn: Callable[[], T], url: str, what: str, attempts: int | None = None,
           base_delay: float | None = None) -> T:
     """Run ``fn`` with exponential backoff on transient errors; raise StorageError naming ``url`` at the end.
@@ -102,6 +121,11 @@ def retry(fn: Callable[[], T], url: str, what: str, attempts: int | None = None,
         try:
             return fn()
         except Exception as e:  # noqa: BLE001 - classified right below
+            if is_access_denied(e):
+                raise StorageError(f"{what} {url}: access denied ({type(e).__name__}: {e}). Check the credentials: "
+                                   "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN) or AWS_PROFILE "
+                                   "in the environment, or key/secret/profile in the storage options, and that "
+                                   "they may access this bucket/prefix") from e
             if not is_transient(e):
                 raise
             if i == attempts - 1:
@@ -209,8 +233,9 @@ def listdir(url: str, storage_options: dict | None = None) -> list[str]:
         p = local_path(url)
         return sorted(os.listdir(p)) if os.path.isdir(p) else []
     fs, path = filesystem(url, storage_options)
+    fs.invalidate_cache(path)  # see what is there now (not every backend takes ls(refresh=True): HTTP does not)
     try:
-        entries = retry(lambda: fs.ls(path, detail=False, refresh=True), url, "listing")
+        entries = retry(lambda: fs.ls(path, detail=False), url, "listing")
     except FileNotFoundError:
         return []
     return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
@@ -224,10 +249,15 @@ def size(url: str, storage_options: dict | None = None) -> int | None:
         except FileNotFoundError:
             return None
     fs, path = filesystem(url, storage_options)
+    fs.invalidate_cache(path)  # instead of info(refresh=True), which HTTP forwards to aiohttp (a TypeError)
     try:
-        return int(retry(lambda: fs.info(path, refresh=True)["size"], url, "stat of"))
+        n = retry(lambda: fs.info(path)["size"], url, "stat of")
     except FileNotFoundError:
         return None
+    if n is None:
+        raise StorageError(f"stat of {url}: the server gives no size (no Content-Length); serve the shard set "
+                           "from a server that answers HEAD with Content-Length")
+    return int(n)
 
 
 def remove(url: str, storage_options: dict | None = None) -> None:
@@ -265,7 +295,12 @@ class RangeFile:
             end = min(offset + n, self.size)
             if end <= offset:
                 return 0
-            data = retry(lambda: self._fs.cat_file(self._path, start=offset, end=end), self.url, "range read of")
+            try:
+                data = retry(lambda: self._range(offset, end), self.url, "range read of")
+            except FileNotFoundError:
+                raise StorageError(f"{self.url}: gone during the run (NoSuchKey / 404): the shard set changed under "
+                                   "the run. Run repa-verify on it and rerun the same repa-preprocess command "
+                                   "(it rewrites missing shards), then restart") from None
             out.reshape(-1)[: len(data)] = np.frombuffer(data, np.uint8)
             return len(data)
         mv = memoryview(out.reshape(-1)).cast("B")
@@ -276,6 +311,17 @@ class RangeFile:
                 break
             got += k
         return got
+
+    def _range(self, start: int, end: int) -> bytes:
+        data = self._fs.cat_file(self._path, start=start, end=end)
+        if len(data) > end - start:  # must not be retried: the server will do it again
+            raise StorageError(f"range read of {self.url}: asked for bytes {start}-{end - 1} and got {len(data)} "
+                               f"bytes: the server ignores HTTP Range requests (answers 200 with the whole file "
+                               "instead of 206). Serve the shard set from a server that supports Range (nginx, "
+                               "S3, GCS, python -m RangeHTTPServer, ...) or copy it to local disk")
+        if len(data) < end - start:  # a cut-off answer: transient, retried
+            raise ConnectionError(f"short range read: {len(data)} of {end - start} bytes (IncompleteRead)")
+        return data
 
     def view(self, offset: int, nbytes: int) -> np.ndarray | None:
         """A zero-copy read-only uint8 view of ``[offset, offset + nbytes)`` of a local file (memory map), or

@@ -330,3 +330,61 @@ def finalize_manifest(out: str, fields: dict[str, FieldSpec], provenance: dict, 
     manifest = Manifest(SCHEMA_VERSION, total, fields, shards, dict(provenance), rb)
     write_manifest(out, manifest, storage_options)
     return manifest
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def cleanup_stale_uploads(out: str, storage_options: dict | None = None) -> dict[str, int]:
+    """Remove what killed writers of the object-store shard set ``out`` left behind.
+
+    * staging files of this set in $TMPDIR (``.repa-<set id>-<shard>.repa-tmp-<pid>-<random>``) whose writer
+      process is gone (this host's pids: $TMPDIR is per host);
+    * unfinished S3 multipart uploads under the set's prefix (a killed upload of a large shard keeps its
+      parts, billed, until aborted).
+
+    Call it once before the writers start (rank 0, under the output lock, before the other ranks pass the
+    barrier): it aborts every unfinished upload under the prefix, a live writer's included. Returns
+    {"temps_removed": n, "uploads_aborted": m}. Local shard sets: nothing to do (finalize_manifest removes
+    temp files in the folder).
+    """
+    result = {"temps_removed": 0, "uploads_aborted": 0}
+    if not storage.is_remote(out):
+        return result
+    tmpdir, mine = tempfile.gettempdir(), "." + staging_prefix(out)
+    for n in os.listdir(tmpdir):
+        t = storage.temp_target(n)
+        if t is not None and n.startswith(mine) and not _pid_alive(t[1]):
+            try:
+                os.unlink(os.path.join(tmpdir, n))
+                result["temps_removed"] += 1
+            except FileNotFoundError:
+                pass
+    if out.startswith(("s3://", "s3a://")):
+        result["uploads_aborted"] = _abort_multipart_uploads(out, storage_options)
+    return result
+
+
+def _abort_multipart_uploads(out: str, storage_options: dict | None) -> int:
+    fs, path = storage.filesystem(out, storage_options)
+    bucket, _, prefix = path.rstrip("/").partition("/")
+    prefix = prefix + "/" if prefix else ""
+    n, marker = 0, {}
+    while True:
+        page = storage.retry(lambda: fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix, **marker),
+                             out, "listing unfinished uploads of")
+        for u in page.get("Uploads") or []:
+            storage.retry(lambda: fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=u["Key"],
+                                             UploadId=u["UploadId"]), f"s3://{bucket}/{u['Key']}",
+                          "aborting the unfinished upload of")
+            n += 1
+        if not page.get("IsTruncated"):
+            return n
+        marker = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
