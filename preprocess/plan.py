@@ -1,0 +1,150 @@
+"""repa-preprocess settings and work plan: the Options (the CLI flags), their validation, the fixed shard plan,
+the distributed context and the device. Identical on every rank and on every rerun."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .crop import check_resolution
+from .resume import PreprocessError
+from .sources import Source
+from .stop import parse_signal
+
+SKIP_DIR = "preprocess-skipped"
+SHARD_PREFIX = "shard"
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+FEATURE_CODECS = ("bf16", "fp16", "fp32", "int8")
+
+@dataclass
+class Options:
+    """Everything repa-preprocess needs (the CLI flags). Fields marked in `FINGERPRINT` fix the output."""
+
+    source: str
+    res: int = 256
+    out: str | None = None
+    data_dir: str | None = None
+    split: str = "train"
+    image_column: str | None = None
+    label_column: str | None = None
+    streaming: bool | None = None
+    num_classes: int | None = None
+    vae: str = "ema"
+    enc_type: str = "dinov2-vit-b"
+    precision: str = "auto"          # teachers: fp16 on CUDA (the reference's autocast), fp32 on CPU
+    vae_precision: str = "fp32"      # the reference encodes latents in fp32
+    feature_codec: str = "bf16"
+    flip: bool = False
+    haste: bool = False
+    shard_size: int = 1000
+    seed: int = 0
+    limit: int | None = None
+    exif_transpose: bool = True
+    skip_bad: bool = False
+    batch_size: int = 64
+    num_workers: int | None = None
+    compile: bool = False
+    device: str | None = None
+    storage_options: dict | None = None
+    progress: bool = True
+    verify: bool = True              # resume: fully verify the finished shards, rewrite those that fail
+    requeue_signal: str | None = "USR1"  # stops cleanly like SIGTERM/SIGINT (SLURM --signal=B:USR1@120)
+    # test hook: called with the shard index after each shard is closed (lets tests simulate a crash)
+    on_shard_done: Callable[[int], None] | None = field(default=None, repr=False, compare=False)
+
+
+FINGERPRINT = ("source", "res", "data_dir", "split", "image_column", "label_column", "streaming",
+               "num_classes", "vae", "enc_type", "precision", "vae_precision", "feature_codec", "flip",
+               "haste", "shard_size", "seed", "limit", "exif_transpose")
+
+
+def default_out(source: Source, res: int) -> str:
+    """`shards/<source>-<res>`: `repa-train --shards shards/` finds it."""
+    return os.path.join("shards", f"{source.name}-{res}")
+
+
+def shard_name(j: int) -> str:
+    return f"{SHARD_PREFIX}-{j:06d}.tar"
+
+
+def shard_plan(n: int, shard_size: int, *, shuffle: bool, seed: int) -> list[np.ndarray]:
+    """Global keys of every shard, in write order: a seeded permutation (or identity) cut into chunks."""
+    order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
+    return [order[i: i + shard_size] for i in range(0, n, shard_size)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# distributed context
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    def barrier(self):
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+    def broadcast_ok(self, ok: bool) -> bool:
+        """True on every rank iff every rank's `ok` is True (used to stop all ranks on a setup error)."""
+        if self.world == 1 or not torch.distributed.is_initialized():
+            return ok
+        t = torch.tensor([0 if ok else 1], dtype=torch.int64)
+        if torch.distributed.get_backend() == "nccl":
+            t = t.cuda()
+        torch.distributed.all_reduce(t)
+        return int(t.item()) == 0
+
+
+def init_dist() -> Dist:
+    """RANK/WORLD_SIZE from torchrun or `accelerate launch`; start a process group when world > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        # ranks finish their shards at different times: the final barrier may wait for hours
+        torch.distributed.init_process_group(backend, timeout=timedelta(hours=24))
+    return Dist(rank, world, local_rank)
+
+
+def _settings(opts: Options) -> dict:
+    d = {k: getattr(opts, k) for k in FINGERPRINT}
+    if d["data_dir"]:
+        d["data_dir"] = os.path.abspath(d["data_dir"])
+    return d
+
+
+def _resolve(opts: Options, device: torch.device) -> Options:
+    opts = dataclasses.replace(opts)
+    opts.res = check_resolution(opts.res)
+    if opts.precision == "auto":
+        opts.precision = "fp16" if device.type == "cuda" else "fp32"
+    for flag, v in (("--precision", opts.precision), ("--vae-precision", opts.vae_precision)):
+        if v not in PRECISIONS:
+            raise PreprocessError(f"{flag} must be one of fp32, bf16, fp16 (or auto), got {v!r}")
+    if opts.feature_codec not in FEATURE_CODECS:
+        raise PreprocessError(f"--feature-codec must be one of {', '.join(FEATURE_CODECS)}, got {opts.feature_codec!r}")
+    if opts.shard_size < 1 or opts.batch_size < 1:
+        raise PreprocessError("--shard-size and --batch-size must be >= 1")
+    if opts.limit is not None and opts.limit < 1:
+        raise PreprocessError("--limit must be >= 1")
+    parse_signal(opts.requeue_signal)
+    return opts
+
+
+def _device(opts: Options, dist: Dist) -> torch.device:
+    if opts.device:
+        return torch.device(opts.device)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(dist.local_rank)
+        return torch.device("cuda", dist.local_rank)
+    return torch.device("cpu")
