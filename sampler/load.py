@@ -214,9 +214,16 @@ def _latest_checkpoint_dir(path: str) -> str:
     return subs[-1]
 
 
-def _load_dir(path: str, fused_attn, device, weights: str):
+def _read_safetensors(path: str) -> dict:
     from safetensors.torch import load_file
+    try:
+        return load_file(path)
+    except Exception as e:  # noqa: BLE001 - SafetensorError (truncated/garbled header) or an I/O error
+        raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e}); the file is "
+                              f"damaged or incomplete: use another checkpoint") from None
 
+
+def _load_dir(path: str, fused_attn, device, weights: str):
     ckpt = _latest_checkpoint_dir(path)
     cfg_path = os.path.join(ckpt, "config.json")
     try:
@@ -229,7 +236,7 @@ def _load_dir(path: str, fused_attn, device, weights: str):
     wpath = os.path.join(ckpt, f"{weights}.safetensors")
     if not os.path.isfile(wpath):
         raise CheckpointError(f"{wpath}: missing; a repa-train checkpoint folder holds {weights}.safetensors")
-    sd = load_file(wpath)
+    sd = _read_safetensors(wpath)
     digest = state_dict_sha256(sd)
     model, kwargs = _build(kwargs, sd, wpath, fused_attn, device)
     config = dict(config)
@@ -264,8 +271,7 @@ def load_sampling_model(path: str, *, model_name: str | None = None, encoder_dep
         raise CheckpointError(f"--ckpt {path}: no such file or directory; pass a repa-train checkpoint folder, a "
                               f"reference .pt, a flat state-dict .pt, or 'official'")
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        obj = load_file(path)
+        obj = _read_safetensors(path)
     else:
         obj = safe_torch_load(path)
     if not isinstance(obj, dict):

@@ -200,6 +200,24 @@ def _check_flags(args) -> None:
                          f"{args.guidance_high}: guidance would never apply; give low <= high")
     _parse_class_ids(args.class_ids)
     _check_vae_flag(args.vae)
+    if args.vae is None and os.path.isdir(args.ckpt):  # a moved training VAE: say so before loading weights
+        config = _peek_config(args.ckpt)
+        if config is not None:
+            _training_vae(((config.get("data") or {}).get("vae") or {}).get("id"), config)
+
+
+def _peek_config(ckpt: str) -> dict | None:
+    """The config.json of a repa-train checkpoint folder (None if unreadable: the loader reports that)."""
+    import json
+
+    from .load import _latest_checkpoint_dir
+    try:
+        path = _latest_checkpoint_dir(ckpt)
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+        return dict(config, source={"path": os.path.abspath(path)}) if isinstance(config, dict) else None
+    except (CheckpointError, OSError, ValueError):
+        return None
 
 
 def _check_against_model(args, config: dict, model, cfg_is_default: bool) -> None:

@@ -78,6 +78,8 @@ def test_moved_training_vae_folder_is_named(tmp_path):
     json.dump(cfg, open(cfg_path, "w"))
     text = _refused(["--ckpt", ck, *ARGS], tmp_path, str(tmp_path / "vaes" / "my-vae"), "--vae")
     assert "config.json" in text
+    open(os.path.join(ck, "0000007", "ema.safetensors"), "wb").write(b"garbage")  # said before loading weights
+    _refused(["--ckpt", ck, *ARGS], tmp_path, str(tmp_path / "vaes" / "my-vae"), "--vae")
 
 
 def test_cfg_at_the_default_scale_on_a_model_without_null_class(ckpt_nocfg, tmp_path):

@@ -80,3 +80,14 @@ def test_official_fails_fast_without_network(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match=r"put it at .*last\.pt"):
         load_sampling_model("official", cache_dir=str(tmp_path), download_timeout=5)
     assert os.listdir(tmp_path) == []  # no partial file left behind
+
+
+def test_damaged_safetensors_is_a_clear_error(model, tmp_path):
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "w.safetensors")
+    data = (tmp_path / "w.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])  # a copy that was cut short
+    with pytest.raises(CheckpointError, match=r"cut\.safetensors: not a readable safetensors file"):
+        load_sampling_model(str(tmp_path / "cut.safetensors"), num_heads=4)
+    mm, cfg = load_sampling_model(str(tmp_path / "w.safetensors"), num_heads=4, encoder_depth=2)
+    assert _same(model, mm) and cfg["source"]["weights_sha256"] == load_mod.state_dict_sha256(model.state_dict())
