@@ -129,3 +129,18 @@ def test_s3_expired_lease_taken_over(s3_bucket, faults):
     with pytest.raises(LockHeld, match="node-dead"):
         OutputLock(url, ttl_s=10).acquire()
     faults.record(faults=1, runs=2, kind="dead lease holder (object store)")
+
+
+def test_s3_lease_lost_to_another_run_is_reported(s3_bucket, faults):
+    from repa.shards import storage
+    url = f"{s3_bucket}/run"
+    lock = OutputLock(url, ttl_s=0.8).acquire()
+    other = {"stage": "repa-train", "host": "node-b", "pid": 7, "renewed_unix": time.time(), "ttl_s": 60,
+             "token": "other"}
+    storage.write_bytes(lock.path, json.dumps(other).encode())  # another run took over (this one had stalled)
+    time.sleep(0.8)  # a few heartbeats: the conditional renewal (If-Match on the old ETag) fails
+    with pytest.raises(LockHeld, match="lost the output lock"):
+        lock.check()
+    lock.release()  # does not delete the other run's lease
+    assert json.loads(storage.read_bytes(lock.path))["token"] == "other"
+    faults.record(faults=1, runs=1, kind="lease lost (object store)")
