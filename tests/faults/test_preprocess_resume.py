@@ -244,3 +244,24 @@ def test_empty_source_refused_before_work(tmp_path, monkeypatch):
         cli(["imagefolder:/data/empty", "--res", "16", "--vae", "none", "--enc-type", "none", "--out", str(out),
              "--num-workers", "0", "--no-progress"])
     assert not out.exists()
+
+
+def test_s3_rerun_aborts_leaked_uploads_and_rewrites_a_corrupt_shard(s3_bucket, tmp_path, faults):
+    from repa.shards import storage
+    data = tmp_path / "data"
+    make_folder(data, 12)
+    url = f"{s3_bucket}/set"
+    args = pp_args(data, url, shard_size=5, batch=5)
+    cli(args)
+    fs, path = storage.filesystem(url)
+    bucket = path.split("/", 1)[0]
+    want = fs.cat_file(f"{path}/shard-000001.tar")
+    raw = bytearray(want)
+    raw[512 + 100] ^= 0xFF
+    fs.pipe_file(f"{path}/shard-000001.tar", bytes(raw))  # same size, bad CRC
+    fs.call_s3("create_multipart_upload", Bucket=bucket, Key="set/shard-000002.tar")  # a killed upload's parts
+    s = cli(args)
+    assert s["records_written"] == 5 and s["records"] == 12
+    assert fs.cat_file(f"{path}/shard-000001.tar") == want
+    assert not fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix="set/").get("Uploads")
+    faults.record(faults=2, kind="object store leftovers", runs=1)
