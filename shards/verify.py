@@ -67,13 +67,16 @@ def quick_check(f: storage.RangeFile, info: ShardInfo, codec: RecordCodec) -> st
     return None
 
 
-def verify_shard(url: str, info: ShardInfo, codec: RecordCodec, storage_options: dict | None = None,
-                 progress=None) -> str | None:
-    """Fully verify one shard file: None if good, else the reason (missing, size, a record, sha256).
+def verify_shard(url: str, info: ShardInfo, fields, storage_options: dict | None = None, *,
+                 quick: bool = False, progress=None) -> str | None:
+    """Verify one shard file: None if good, else the reason (missing, size, which record and why, sha256).
 
-    ``url`` is the shard's URL, ``info`` its manifest/sidecar entry, ``codec`` = RecordCodec(manifest fields).
-    Reads the whole shard once; ``progress`` (optional) is called with the bytes read after each chunk.
+    ``url``: the shard's URL; ``info``: its ShardInfo (manifest entry or sidecar, e.g. from completed_shards);
+    ``fields``: the set's fields (``manifest.fields``) or a RecordCodec of them. Reads the whole shard once
+    (sha256, every header and CRC-32); ``quick=True`` only does the O(1) identity check the reader does on open.
+    ``progress`` (optional) is called with the number of bytes read after each chunk.
     """
+    codec = fields if isinstance(fields, RecordCodec) else RecordCodec(fields)
     try:
         f = storage.RangeFile(url, storage_options)
     except FileNotFoundError:
@@ -82,7 +85,7 @@ def verify_shard(url: str, info: ShardInfo, codec: RecordCodec, storage_options:
         if f.size is None:
             return "missing"
         p = quick_check(f, info, codec)
-        if p:
+        if p or quick:
             return p
         return _full_scan(f, info, codec, progress)
     finally:
@@ -129,7 +132,7 @@ def verify_set(url: str, storage_options: dict | None = None, progress: bool = T
     with tqdm(total=sum(s.nbytes for s in m.shards), unit="B", unit_scale=True, disable=not progress,
               desc="verifying", file=sys.stderr) as bar:
         for s in m.shards:
-            why = verify_shard(storage.join(url, s.name), s, codec, storage_options, bar.update)
+            why = verify_shard(storage.join(url, s.name), s, codec, storage_options, progress=bar.update)
             if why:
                 bad.append((s.name, why))
     return bad

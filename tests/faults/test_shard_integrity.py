@@ -63,8 +63,9 @@ def test_verify_set_and_cli_name_bad_shards(tmp_path, faults):
     bad = verify_set(str(d), progress=False)
     assert [n for n, _ in bad] == ["shard-000000.tar", "shard-000002.tar"]
     assert bad[0][1] == "missing" and bad[1][1].startswith("record 1 (key 9): CRC-32 mismatch")
-    codec = RecordCodec(m.fields)
-    assert verify_shard(str(d / "shard-000001.tar"), m.shards[1], codec) is None
+    assert verify_shard(str(d / "shard-000001.tar"), m.shards[1], m.fields) is None
+    assert verify_shard(str(d / "shard-000002.tar"), m.shards[2], RecordCodec(m.fields), quick=True) is None
+    assert verify_shard(str(d / "shard-000002.tar"), m.shards[2], m.fields).startswith("record 1 (key 9)")
     r = subprocess.run([sys.executable, "-m", "repa.shards.verify", str(d), "--no-progress"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1, r.stderr
