@@ -397,10 +397,19 @@ def plan_t2i(cfg, manifest, shards_url: str) -> dict:
     for key in ("input_size", "in_channels", "context_dim"):
         if kwargs[key] != overrides[key]:
             raise ValueError(f"--model-kwargs sets {key}={kwargs[key]} but {where} implies {overrides[key]}")
+    _check_empty_context(shards_url, cfg, manifest.fields[texts[0]].shape)
     if h % kwargs["patch_size"] or not 1 <= kwargs["encoder_depth"] <= kwargs["depth"]:
         raise ValueError(f"--model {cfg.model}: patch size {kwargs['patch_size']} must divide the latent size {h} "
                          f"and --encoder-depth {kwargs['encoder_depth']} be in [1, {kwargs['depth']}]")
     return kwargs
+
+
+def _check_empty_context(shards_url: str, cfg, shape) -> None:
+    """The null context exists and has the text fields' shape (refused before step 1, not at the first drop)."""
+    empty = load_empty_context(shards_url, getattr(cfg, "storage_options", None) or None)
+    if tuple(empty.shape) != tuple(shape):
+        raise ValueError(f"{shards_url}/{EMPTY_CONTEXT_FILE} has shape {tuple(empty.shape)}, the text fields "
+                         f"{tuple(shape)}; re-run repa-preprocess (the sidecar belongs to another encoder)")
 
 
 def load_empty_context(shards_url: str, storage_options=None) -> torch.Tensor:
@@ -477,3 +486,23 @@ class T2IPreview:
         from repa.trainer.metrics import save_png, to_grid
         z = euler_t2i(ema, self.noise, self.context, self.empty, self.steps, self.cfg_scale).float()
         save_png(to_grid(self.decode(z)), path)
+
+
+class T2IInputs:
+    """What repa-train's loop needs for a t2i run: the fields to read, the per-step context draw, the model
+    wrapper that feeds it to the MMDiT, and the preview."""
+
+    def __init__(self, plan, cfg):
+        self.fields = text_fields(plan.manifest)
+        self.read_fields = [*self.fields, COUNT_FIELD]
+        self.shards_url, self.cfg_prob = plan.shards_url, cfg.cfg_prob
+        self.empty = load_empty_context(plan.shards_url, cfg.storage_options or None)
+
+    def context(self, batch: dict) -> torch.Tensor:
+        return draw_context(batch, self.fields, self.empty, self.cfg_prob)
+
+    def wrap(self, model) -> ContextAsLabels:
+        return ContextAsLabels(model)
+
+    def preview(self, cfg, model_kwargs, prov, device) -> T2IPreview:
+        return T2IPreview(cfg, model_kwargs, prov, device, self.shards_url, self.empty)
