@@ -1,14 +1,28 @@
-"""Loader benchmark: our ShardStream vs webdataset, raw sequential read, the reference REPA layout, and S3.
+"""Loader benchmark: our ShardStream vs its peers on the same records, in one run, at 256 and 512 px.
 
-Records of realistic size (moments 8x32x32 fp32 + DINOv2-B features 256x768 bf16 + label, ~430 KB) are
-written to shards in a temporary directory; every measurement runs in this one process (num_workers=0) with
-the page cache warm (best of ``--repeats`` passes). Prints a table and, as the last line, one JSON object:
-  vs_webdataset        our samples/s over webdataset's decode pipeline (frombuffer handler + batched())
-  of_raw_read          our bytes/s over `cat shards > /dev/null`
-  vs_reference_layout  our samples/s over REPA's layout (PNG + .npy per image, PIL + np.load + default collate)
-  s3_vs_local          our samples/s from S3 (moto_server on 127.0.0.1) over local, same records
+Records of realistic size, one per image (exact fields, raw little-endian, no compression):
+  256 px: moments 8x32x32 float32 (32 KiB) + label int64 + DINOv2-B features 256x768 bf16 (384 KiB)  ~ 430 KB
+  512 px: moments 8x64x64 float32 (128 KiB) + label int64 + DINOv2-B features 1024x768 bf16 (1.5 MiB) ~ 1.7 MB
+The same records are written once per format (our tar shards, which webdataset reads as they are; MosaicML MDS
+via MDSWriter; Lightning litdata via optimize) and every pipeline yields the same batches of torch tensors
+(moments float32, features bfloat16, labels). Every measurement runs in this one process (num_workers=0, one
+intra-op thread) with the page cache warm (best of ``--repeats`` passes after a warm-up pass).
 
-    .venv/bin/python bench/loader.py [--records 1024] [--batch-size 64] [--s3-records 256]
+Integrity checks per record read: ours CRC-32 of every record (verify=True, the default; verify=False checks
+only the tar headers); webdataset, MDS (StreamingDataset on a local directory: shard hashes are checked only
+when a shard is downloaded from a remote) and litdata check nothing. So the ``*_equal_checks`` ratios compare
+ours with verify=False.
+
+Last line, one JSON object:
+  vs_webdataset / vs_mds / vs_litdata   our samples/s (CRC verified) over the peer's, 256 px records
+  *_equal_checks                        the same with ours at verify=False (no peer verifies anything)
+  of_raw_read                           our bytes/s over `cat shards > /dev/null`
+  vs_reference_layout                   our samples/s over REPA's layout (PNG + .npy per image)
+  s3_vs_local                           our samples/s from S3 (moto_server on 127.0.0.1) over local
+  at512                                 the same ratios for the 512 px records
+  per_core / node_demand / workers_per_node   records/s per core and what an 8-GPU node consumes
+
+    .venv/bin/python bench/loader.py [--records 1024] [--records-512 256] [--no-s3] [--gpu-json gpu.json]
 """
 from __future__ import annotations
 
@@ -29,18 +43,29 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from repa.shards import FieldSpec, ShardSetWriter, ShardStream, feature_spec, finalize_manifest  # noqa: E402
 
-FIELDS = {"moments": FieldSpec((8, 32, 32), "float32"), "label": FieldSpec((), "int64"),
-          "feat.0": feature_spec((256, 768), "bf16")}
+SIZES = {256: (32, 256), 512: (64, 1024)}  # resolution -> (latent side, DINOv2-B tokens)
 
 
-def write_shards(out: str, n: int, per_shard: int, storage_options=None) -> None:
+def fields_for(res: int) -> dict:
+    side, tokens = SIZES[res]
+    return {"moments": FieldSpec((8, side, side), "float32"), "label": FieldSpec((), "int64"),
+            "feat.0": feature_spec((tokens, 768), "bf16")}
+
+
+def record_pool(res: int) -> list[dict]:
+    """8 distinct records, reused round-robin (the content does not change any reader's cost)."""
+    side, tokens = SIZES[res]
     g = torch.Generator().manual_seed(0)
-    pool = [{"moments": torch.randn(8, 32, 32, generator=g), "feat.0": torch.randn(256, 768, generator=g)}
-            for _ in range(8)]
-    with ShardSetWriter(out, FIELDS, records_per_shard=per_shard, storage_options=storage_options) as w:
+    return [{"moments": torch.randn(8, side, side, generator=g),
+             "feat.0": torch.randn(tokens, 768, generator=g).to(torch.bfloat16)} for _ in range(8)]
+
+
+def write_shards(out: str, n: int, per_shard: int, storage_options=None, res: int = 256) -> None:
+    pool, fields = record_pool(res), fields_for(res)
+    with ShardSetWriter(out, fields, records_per_shard=per_shard, storage_options=storage_options) as w:
         for k in range(n):
             w.write(k, dict(pool[k % len(pool)], label=k % 1000))
-    finalize_manifest(out, FIELDS, {"source": "bench"}, expected_records=n, storage_options=storage_options)
+    finalize_manifest(out, fields, {"source": "bench"}, expected_records=n, storage_options=storage_options)
 
 
 def best(fn, repeats: int) -> float:
@@ -59,22 +84,79 @@ def run_ours(url: str, batch: int, n: int, **kw) -> None:
     assert got == n, (got, n)
 
 
-def run_webdataset(tars: list[str], batch: int, n: int) -> None:
+def collate(samples: list[dict]) -> dict:
+    """The batch every peer yields: moments float32, features bf16 (stored as int16 bits), labels int64."""
+    return {"moments": torch.stack([torch.as_tensor(s["moments"]) for s in samples]),
+            "feat.0": torch.stack([torch.as_tensor(s["feat"]) for s in samples]).view(torch.bfloat16),
+            "label": torch.tensor([int(s["label"]) for s in samples])}
+
+
+def run_webdataset(tars: list[str], batch: int, n: int, res: int = 256) -> None:
     import webdataset as wds
+    side, tokens = SIZES[res]
 
     def handler(key, data):
-        ext = key.rsplit(".", 1)[-1] if key.startswith("feat") else key
+        key = key.lstrip(".")  # webdataset 1.x passes ".moments"; a handler matching "moments" never fires
         if key == "moments":
-            return torch.from_numpy(np.frombuffer(data, np.float32).reshape(8, 32, 32))
+            return np.frombuffer(data, np.float32).reshape(8, side, side)
         if key == "feat.0":
-            return torch.from_numpy(np.frombuffer(data, np.int16).reshape(256, 768)).view(torch.bfloat16)
+            return np.frombuffer(data, np.int16).reshape(tokens, 768)
         if key == "label":
             return int(np.frombuffer(data, np.int64)[0])
-        return None if ext == "crc" else data
+        return None  # the .crc entries: webdataset has no use for them
 
     ds = (wds.WebDataset(tars, shardshuffle=False, empty_check=False).decode(handler)
-          .to_tuple("moments", "feat.0", "label").batched(batch))
-    got = sum(len(b[2]) for b in ds)
+          .to_tuple("moments", "feat.0", "label").batched(batch, collation_fn=lambda rows: collate(
+              [{"moments": m, "feat": f, "label": y} for m, f, y in rows])))
+    got = sum(len(b["label"]) for b in ds)
+    assert got == n, (got, n)
+
+
+def write_mds(out: str, n: int, res: int, shard_bytes: int) -> None:
+    """MosaicML streaming MDS: the same records as fixed-shape ndarray columns, no compression, no hashes."""
+    from streaming import MDSWriter
+    side, tokens = SIZES[res]
+    cols = {"moments": f"ndarray:float32:8,{side},{side}", "feat": f"ndarray:int16:{tokens},768", "label": "int"}
+    pool = record_pool(res)
+    with MDSWriter(out=out, columns=cols, compression=None, size_limit=shard_bytes) as w:
+        for k in range(n):
+            r = pool[k % len(pool)]
+            w.write({"moments": r["moments"].numpy(), "feat": r["feat.0"].view(torch.int16).numpy(),
+                     "label": k % 1000})
+
+
+def run_mds(out: str, batch: int, n: int) -> None:
+    from streaming import StreamingDataset
+    from streaming.base.util import clean_stale_shared_memory
+    clean_stale_shared_memory()
+    ds = StreamingDataset(local=out, batch_size=batch, shuffle=True, shuffle_seed=0)
+    dl = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=0, collate_fn=collate)
+    got = sum(len(b["label"]) for b in dl)
+    assert got == n, (got, n)
+
+
+def _litdata_item(k: int) -> dict:
+    # torch tensors: litdata's tensor serializer reads them back zero-copy (its numpy one copies every array)
+    r = _LIT_POOL[k % len(_LIT_POOL)]
+    return {"moments": r["moments"], "feat": r["feat.0"].view(torch.int16), "label": k % 1000}
+
+
+_LIT_POOL: list = []
+
+
+def write_litdata(out: str, n: int, res: int, shard_bytes: int) -> None:
+    """Lightning litdata: litdata.optimize over the same records (torch tensors, no compression)."""
+    import litdata
+    _LIT_POOL[:] = record_pool(res)
+    litdata.optimize(fn=_litdata_item, inputs=list(range(n)), output_dir=out, chunk_bytes=shard_bytes,
+                     num_workers=1, start_method="fork")
+
+
+def run_litdata(out: str, batch: int, n: int) -> None:
+    import litdata
+    ds = litdata.StreamingDataset(out, shuffle=True, seed=0)
+    dl = litdata.StreamingDataLoader(ds, batch_size=batch, num_workers=0, collate_fn=collate)
+    got = sum(len(b["label"]) for b in dl)
     assert got == n, (got, n)
 
 
@@ -145,65 +227,125 @@ def start_moto() -> tuple[subprocess.Popen, str]:
     return proc, url
 
 
+# Published training rates (img/s per GPU) used when no GPU bench JSON is given; see BENCHMARKS.md "Loader peers".
+# DiT-XL/2 (= SiT-XL/2's architecture) at 256 px on 8 H800, local batch 128: 100 img/s/GPU plain, 175 img/s/GPU
+# with fused kernels (Open-Sora v1.1 docs/acceleration.md). Other sizes scale by forward GFLOPs from the DiT paper
+# (Peebles & Xie 2023, Table 4): XL/2 118.6 (256 px) and 524.6 (512 px), B/2 23.0 (256 px); B/2 at 512 px ~ 23.0
+# x 524.6 / 118.6 = 101.7 (same growth as XL/2, an estimate).
+PUBLISHED_XL2_256 = 175.0
+GFLOPS = {("xl2", 256): 118.6, ("xl2", 512): 524.6, ("b2", 256): 23.0, ("b2", 512): 23.0 * 524.6 / 118.6}
+
+
+def node_demand(gpu_json: str | None) -> tuple[dict, str]:
+    """Records/s an 8-GPU node consumes per (model, res): 8 x per-GPU img/s (measured or published)."""
+    base = {m: PUBLISHED_XL2_256 * GFLOPS[("xl2", 256)] / GFLOPS[(m, 256)] for m in ("xl2", "b2")}
+    source = "published: Open-Sora docs/acceleration.md DiT-XL/2 175 img/s/GPU (8xH800), scaled by DiT GFLOPs"
+    if gpu_json:
+        with open(gpu_json) as f:
+            gpu = json.loads(f.read().strip().splitlines()[-1])
+        if gpu.get("xl2_bf16_img_s") and gpu.get("b2_img_s") and not gpu.get("quick"):
+            base = {"xl2": gpu["xl2_bf16_img_s"], "b2": gpu["b2_img_s"]}
+            source = f"measured by bench/gpu.py on {gpu.get('device')} (256 px), 512 px scaled by DiT GFLOPs"
+    return {f"{m}_{r}": round(8 * base[m] * GFLOPS[(m, 256)] / GFLOPS[(m, r)], 1)
+            for m in ("xl2", "b2") for r in (256, 512)}, source
+
+
+def bench_peers(tmp: str, res: int, n: int, per_shard: int, bs: int, repeats: int) -> dict:
+    """Every pipeline on the same n records of one size; returns samples/s per pipeline and bytes/record."""
+    out = os.path.join(tmp, f"ours{res}")
+    write_shards(out, n, per_shard, res=res)
+    tars = sorted(glob.glob(os.path.join(out, "*.tar")))
+    nbytes = sum(os.path.getsize(t) for t in tars)
+    shard_bytes = nbytes // len(tars)
+    write_mds(os.path.join(tmp, f"mds{res}"), n, res, shard_bytes)
+    write_litdata(os.path.join(tmp, f"lit{res}"), n, res, shard_bytes)
+    print(f"{res} px: {n} records of {nbytes / n / 1e3:.0f} KB in {len(tars)} shards ({nbytes / 2**20:.0f} MiB), "
+          f"batch {bs}", flush=True)
+    runs = {"raw read (cat)": lambda: subprocess.run(f"cat {' '.join(tars)} > /dev/null", shell=True, check=True),
+            "ours (CRC-32 verified)": lambda: run_ours(out, bs, n),
+            "ours (verify=False)": lambda: run_ours(out, bs, n, verify=False),
+            "webdataset": lambda: run_webdataset(tars, bs, n, res),
+            "mds (mosaicml-streaming)": lambda: run_mds(os.path.join(tmp, f"mds{res}"), bs, n),
+            "litdata": lambda: run_litdata(os.path.join(tmp, f"lit{res}"), bs, n)}
+    rate = {}
+    for name, fn in runs.items():
+        try:
+            rate[name] = n / best(fn, repeats)
+        except Exception as e:  # noqa: BLE001 - a peer that fails is reported, the others still run
+            print(f"  {name:28s} FAILED: {type(e).__name__}: {e}", flush=True)
+            continue
+        print(f"  {name:28s} {rate[name]:9.1f} samples/s  {rate[name] * nbytes / n / 1e9:6.2f} GB/s", flush=True)
+    return {"rate": rate, "record_bytes": nbytes / n, "out": out}
+
+
+def ratios(rate: dict) -> dict:
+    r = lambda a, b: round(rate[a] / rate[b], 3) if a in rate and b in rate else None  # noqa: E731
+    ours, eq = "ours (CRC-32 verified)", "ours (verify=False)"
+    return {"vs_webdataset": r(ours, "webdataset"), "vs_mds": r(ours, "mds (mosaicml-streaming)"),
+            "vs_litdata": r(ours, "litdata"), "vs_webdataset_equal_checks": r(eq, "webdataset"),
+            "vs_mds_equal_checks": r(eq, "mds (mosaicml-streaming)"), "vs_litdata_equal_checks": r(eq, "litdata"),
+            "of_raw_read": r(ours, "raw read (cat)"), "crc_cost": r(eq, ours)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--records", type=int, default=1024)
-    ap.add_argument("--per-shard", type=int, default=128)
+    ap.add_argument("--records", type=int, default=1024, help="256 px records")
+    ap.add_argument("--records-512", type=int, default=256, help="512 px records (0: skip 512 px)")
+    ap.add_argument("--per-shard", type=int, default=128, help="256 px records per shard (512 px: a quarter)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--reference-records", type=int, default=512)
     ap.add_argument("--s3-records", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--no-s3", action="store_true")
+    ap.add_argument("--gpu-json", default=None, help="bench/gpu.py output: use its measured img/s for the node")
     args = ap.parse_args()
     torch.set_num_threads(1)
     n, bs = args.records, args.batch_size
-    res: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="repa-bench-") as tmp:
-        out = os.path.join(tmp, "shards")
-        write_shards(out, n, args.per_shard)
-        tars = sorted(glob.glob(os.path.join(out, "*.tar")))
-        nbytes = sum(os.path.getsize(t) for t in tars)
-        rec_kb = nbytes / n / 1024
-        print(f"{n} records of {rec_kb:.1f} KB in {len(tars)} shards ({nbytes / 2**20:.0f} MiB), batch {bs}")
-
-        t_raw = best(lambda: subprocess.run(f"cat {' '.join(tars)} > /dev/null", shell=True, check=True), args.repeats)
-        t_ours = best(lambda: run_ours(out, bs, n), args.repeats)
-        t_nover = best(lambda: run_ours(out, bs, n, verify=False), args.repeats)
-        t_wds = best(lambda: run_webdataset(tars, bs, n), args.repeats)
-        rows = [("raw read (cat)", t_raw), ("ours (verify=True)", t_ours), ("ours (verify=False)", t_nover),
-                ("webdataset decode+batched", t_wds)]
-        for name, t in rows:
-            print(f"  {name:30s} {n / t:9.1f} samples/s  {nbytes / t / 1e9:6.2f} GB/s")
-        res["vs_webdataset"] = t_wds / t_ours
-        res["of_raw_read"] = t_raw / t_ours
-
+        p256 = bench_peers(tmp, 256, n, args.per_shard, bs, args.repeats)
+        res = ratios(p256["rate"])
+        ours = p256["rate"].get("ours (CRC-32 verified)")
         ref = os.path.join(tmp, "reference")
         nr = args.reference_records
         make_reference_layout(ref, nr)
         t_ref = best(lambda: run_reference(ref, bs, nr), args.repeats)
-        print(f"  {'reference layout (PNG+npy)':30s} {nr / t_ref:9.1f} samples/s")
-        res["vs_reference_layout"] = (n / t_ours) / (nr / t_ref)
+        print(f"  {'reference layout (PNG+npy)':28s} {nr / t_ref:9.1f} samples/s", flush=True)
+        res["vs_reference_layout"] = round(ours / (nr / t_ref), 3) if ours else None
+        res["s3_vs_local"] = None if args.no_s3 else bench_s3(tmp, args, bs)
+        per_core = {"256": round(ours, 1) if ours else None}
+        if args.records_512:
+            p512 = bench_peers(tmp, 512, args.records_512, max(1, args.per_shard // 4), bs, args.repeats)
+            res["at512"] = ratios(p512["rate"])
+            per_core["512"] = round(p512["rate"].get("ours (CRC-32 verified)", 0), 1) or None
+    demand, source = node_demand(args.gpu_json)
+    res["per_core"] = per_core
+    res["node_demand"] = demand
+    res["node_demand_source"] = source
+    res["workers_per_node"] = {k: round(v / per_core[k.split("_")[1]], 2) if per_core.get(k.split("_")[1]) else None
+                               for k, v in demand.items()}
+    for k, v in demand.items():
+        print(f"  8-GPU node, {k}: consumes {v:8.1f} records/s = {res['workers_per_node'][k]} loader cores "
+              f"(ours, CRC verified)", flush=True)
+    print(json.dumps(res))
 
-        if not args.no_s3:
-            proc, endpoint = start_moto()
-            try:
-                import s3fs
-                s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}).mkdir("bench")
-                ns = args.s3_records
-                local_sub = os.path.join(tmp, "sub")
-                write_shards(local_sub, ns, args.per_shard)
-                write_shards("s3://bench/sub", ns, args.per_shard)
-                t_loc = best(lambda: run_ours(local_sub, bs, ns), args.repeats)
-                t_s3 = best(lambda: run_ours("s3://bench/sub", bs, ns), args.repeats)
-                print(f"  {'ours, local (S3 subset)':30s} {ns / t_loc:9.1f} samples/s")
-                print(f"  {'ours, S3 (moto, loopback)':30s} {ns / t_s3:9.1f} samples/s")
-                res["s3_vs_local"] = t_loc / t_s3
-            finally:
-                proc.terminate()
-                proc.wait()
-        else:
-            res["s3_vs_local"] = float("nan")
-    print(json.dumps({k: round(v, 3) for k, v in res.items()}))
+
+def bench_s3(tmp: str, args, bs: int) -> float:
+    proc, endpoint = start_moto()
+    try:
+        import s3fs
+        s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}).mkdir("bench")
+        ns = args.s3_records
+        local_sub = os.path.join(tmp, "sub")
+        write_shards(local_sub, ns, args.per_shard)
+        write_shards("s3://bench/sub", ns, args.per_shard)
+        t_loc = best(lambda: run_ours(local_sub, bs, ns), args.repeats)
+        t_s3 = best(lambda: run_ours("s3://bench/sub", bs, ns), args.repeats)
+        print(f"  {'ours, local (S3 subset)':28s} {ns / t_loc:9.1f} samples/s")
+        print(f"  {'ours, S3 (moto, loopback)':28s} {ns / t_s3:9.1f} samples/s")
+        return round(t_loc / t_s3, 3)
+    finally:
+        proc.terminate()
+        proc.wait()
 
 
 if __name__ == "__main__":
