@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import atexit
 import functools
-import os
 import signal
 import weakref
 
@@ -26,6 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import storage
 from .codecs import decode_batch
+from .dist import context as dist_context
 from .manifest import read_manifest
 from .tario import RecordCodec
 from .verify import quick_check
@@ -40,9 +40,8 @@ class ShardError(RuntimeError):
 
 
 def _dist_rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    ctx = dist_context()
+    return ctx.rank, ctx.world_size
 
 
 def slot_range(slot: int, num_slots: int, n: int) -> tuple[int, int]:
