@@ -91,6 +91,11 @@ def _options(f):
         click.option("--cache-dir", default=None, help="where --ckpt official is cached (default $REPA_CACHE or "
                      "~/.cache/repa)"),
         click.option("--no-progress", is_flag=True, default=False, help="no progress bars"),
+        click.option("--prompts", default=None, help="text-to-image (MMDiT checkpoints): a file with one prompt per "
+                     "line (docs/t2i.md)"),
+        click.option("--prompts-from", default=None, help="text-to-image: prompts drawn (--global-seed) from the "
+                     "captions.json of a captioned shard set; --num-fid-samples of them (default: every record)"),
+        click.option("--text-encoder", default=None, help="text-to-image: override the checkpoint's text encoder"),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -287,6 +292,9 @@ def _decoder(vae_spec: str, scale, bias, device) -> LatentDecoder:
 
 def run(args, info: DistInfo, cfg_is_default: bool = False, stop: StopSignals | None = None) -> str | None:
     """Sample (see the module docstring). Returns the .npz path on rank 0, None elsewhere or when stopped."""
+    if getattr(args, "prompts", None) or getattr(args, "prompts_from", None):  # text-to-image: sampler/t2i.py
+        from .t2i import run_from_args
+        return run_from_args(args, info)
     _check_flags(args)
     if info.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = args.tf32

@@ -199,3 +199,42 @@ def _default_decoder(config: dict, device):
     c = int(config["model"]["kwargs"]["in_channels"])
     return LatentDecoder(load_vae(vae.get("id") or "none", device), vae.get("scale", [1.0] * c),
                          vae.get("bias", [0.0] * c), device)
+
+
+_DEFAULT_NUM_FID_SAMPLES = 50_000  # repa-sample's default: with --prompts-from it means "every record"
+
+
+def run_from_args(args, info) -> str:
+    """``repa-sample --prompts FILE | --prompts-from SET`` (one process); bad input exits with a message."""
+    try:
+        if info.world > 1:
+            raise ValueError("--prompts/--prompts-from run on one process; start repa-sample without torchrun")
+        if args.prompts and args.prompts_from:
+            raise ValueError("give --prompts or --prompts-from, not both")
+        keys = None
+        if args.prompts:
+            prompts = read_prompts(args.prompts)
+        else:
+            num = None if args.num_fid_samples == _DEFAULT_NUM_FID_SAMPLES else args.num_fid_samples
+            pairs = prompts_from_set(args.prompts_from, num, seed=args.global_seed)
+            keys, prompts = [k for k, _ in pairs], [p for _, p in pairs]
+        decoder = None
+        if args.vae:
+            decoder = _decoder_override(args.ckpt, args.vae, info.device)
+        return run_t2i(args.ckpt, prompts, args.sample_dir, keys=keys, text_encoder=args.text_encoder,
+                       decoder=decoder, mode=args.mode, num_steps=args.num_steps, cfg_scale=args.cfg_scale,
+                       guidance_low=args.guidance_low, guidance_high=args.guidance_high, heun=args.heun,
+                       seed=args.global_seed, batch_size=args.per_proc_batch_size, device=info.device,
+                       weights=args.weights)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"repa-sample: {e}") from None
+
+
+def _decoder_override(ckpt: str, vae_spec: str, device):
+    from repa.preprocess.vae import load_vae
+    from .generate import LatentDecoder
+    with open(os.path.join(ckpt, "config.json")) as f:
+        config = json.load(f)
+    vae = (config.get("data") or {}).get("vae") or {}
+    c = int(config["model"]["kwargs"]["in_channels"])
+    return LatentDecoder(load_vae(vae_spec, device), vae.get("scale", [1.0] * c), vae.get("bias", [0.0] * c), device)

@@ -102,3 +102,28 @@ def test_run_t2i_pngs_npz_index_and_resume(tmp_path):
     # CFG against the empty caption changes the sample
     other = run_t2i(ckpt, prompts, str(tmp_path / "samples"), num_steps=3, cfg_scale=1.0, name="nocfg")
     assert not np.array_equal(load_images_npz(other, mmap=False), images)
+
+
+def test_repa_sample_prompts_flags(tmp_path):
+    pytest.importorskip("transformers")
+    from repa.sampler.sample_cli import main
+    from test_t2i_preprocess import make_tiny_clip
+    clip = make_tiny_clip(str(tmp_path / "clip"))
+    ckpt = _t2i_checkpoint(str(tmp_path / "ckpt"), clip)
+    (tmp_path / "p.txt").write_text("a red circle\na blue square\n")
+    common = ["--ckpt", ckpt, "--num-steps", "2", "--cfg-scale", "3", "--sample-dir", str(tmp_path / "s")]
+    npz = main([*common, "--prompts", str(tmp_path / "p.txt"), "--mode", "sde"])
+    assert load_images_npz(npz, mmap=False).shape == (2, 8, 8, 3)
+    (tmp_path / "set").mkdir()
+    (tmp_path / "set" / "captions.json").write_text(json.dumps({"max_captions": 1, "captions": {
+        "0": ["a red circle"], "1": ["a blue square"], "2": ["a green circle"]}}))
+    npz = main([*common, "--prompts-from", str(tmp_path / "set"), "--num-fid-samples", "2", "--global-seed", "1"])
+    index = json.loads(open(os.path.join(npz[:-4], "prompts.json")).read())
+    assert len(index["prompts"]) == 2 and all(v["key"] in (0, 1, 2) for v in index["prompts"].values())
+    with pytest.raises(SystemExit, match="not both"):
+        main([*common, "--prompts", str(tmp_path / "p.txt"), "--prompts-from", str(tmp_path / "set")])
+    with pytest.raises(SystemExit, match="is not a text-to-image MMDiT"):
+        bad = tmp_path / "ckpt2"
+        bad.mkdir()
+        (bad / "config.json").write_text(json.dumps({"model": {"name": "SiT-B/2", "kwargs": {}}}))
+        main(["--ckpt", str(bad), "--prompts", str(tmp_path / "p.txt")])
