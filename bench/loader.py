@@ -6,7 +6,8 @@ Records of realistic size, one per image (exact fields, raw little-endian, no co
 The same records are written once per format (our tar shards, which webdataset reads as they are; MosaicML MDS
 via MDSWriter; Lightning litdata via optimize) and every pipeline yields the same batches of torch tensors
 (moments float32, features bfloat16, labels). Every measurement runs in this one process (num_workers=0, one
-intra-op thread) with the page cache warm (best of ``--repeats`` passes after a warm-up pass).
+intra-op thread) with the page cache warm. Each pipeline is built once and timed over epochs, as training
+uses it: best of ``--repeats`` epochs after a warm-up epoch (which also fills the page cache).
 
 Integrity checks per record read: ours CRC-32 of every record (verify=True, the default; verify=False checks
 only the tar headers); webdataset, MDS (StreamingDataset on a local directory: shard hashes are checked only
@@ -80,8 +81,19 @@ def best(fn, repeats: int) -> float:
 
 
 def run_ours(url: str, batch: int, n: int, **kw) -> None:
-    got = sum(len(b["key"]) for b in ShardStream(url, batch, shuffle=True, seed=0, **kw))
-    assert got == n, (got, n)
+    make_ours(url, batch, n, **kw)()
+
+
+def epochs(iterable, n: int, count):
+    """One pass over a pipeline built once (as training builds it once and runs many epochs over it)."""
+    def epoch():
+        got = sum(count(b) for b in iterable)
+        assert got == n, (got, n)
+    return epoch
+
+
+def make_ours(url: str, batch: int, n: int, **kw):
+    return epochs(ShardStream(url, batch, shuffle=True, seed=0, **kw), n, lambda b: len(b["key"]))
 
 
 def collate(samples: list[dict]) -> dict:
@@ -91,7 +103,7 @@ def collate(samples: list[dict]) -> dict:
             "label": torch.tensor([int(s["label"]) for s in samples])}
 
 
-def run_webdataset(tars: list[str], batch: int, n: int, res: int = 256) -> None:
+def make_webdataset(tars: list[str], batch: int, n: int, res: int = 256):
     import webdataset as wds
     side, tokens = SIZES[res]
 
@@ -108,8 +120,7 @@ def run_webdataset(tars: list[str], batch: int, n: int, res: int = 256) -> None:
     ds = (wds.WebDataset(tars, shardshuffle=False, empty_check=False).decode(handler)
           .to_tuple("moments", "feat.0", "label").batched(batch, collation_fn=lambda rows: collate(
               [{"moments": m, "feat": f, "label": y} for m, f, y in rows])))
-    got = sum(len(b["label"]) for b in ds)
-    assert got == n, (got, n)
+    return epochs(ds, n, lambda b: len(b["label"]))
 
 
 def write_mds(out: str, n: int, res: int, shard_bytes: int) -> None:
@@ -125,14 +136,13 @@ def write_mds(out: str, n: int, res: int, shard_bytes: int) -> None:
                      "label": k % 1000})
 
 
-def run_mds(out: str, batch: int, n: int) -> None:
+def make_mds(out: str, batch: int, n: int):
     from streaming import StreamingDataset
     from streaming.base.util import clean_stale_shared_memory
     clean_stale_shared_memory()
     ds = StreamingDataset(local=out, batch_size=batch, shuffle=True, shuffle_seed=0)
     dl = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=0, collate_fn=collate)
-    got = sum(len(b["label"]) for b in dl)
-    assert got == n, (got, n)
+    return epochs(dl, n, lambda b: len(b["label"]))
 
 
 def _litdata_item(k: int) -> dict:
@@ -152,12 +162,11 @@ def write_litdata(out: str, n: int, res: int, shard_bytes: int) -> None:
                      num_workers=1, start_method="fork")
 
 
-def run_litdata(out: str, batch: int, n: int) -> None:
+def make_litdata(out: str, batch: int, n: int):
     import litdata
     ds = litdata.StreamingDataset(out, shuffle=True, seed=0)
     dl = litdata.StreamingDataLoader(ds, batch_size=batch, num_workers=0, collate_fn=collate)
-    got = sum(len(b["label"]) for b in dl)
-    assert got == n, (got, n)
+    return epochs(dl, n, lambda b: len(b["label"]))
 
 
 def make_reference_layout(root: str, n: int) -> None:
@@ -261,16 +270,17 @@ def bench_peers(tmp: str, res: int, n: int, per_shard: int, bs: int, repeats: in
     write_litdata(os.path.join(tmp, f"lit{res}"), n, res, shard_bytes)
     print(f"{res} px: {n} records of {nbytes / n / 1e3:.0f} KB in {len(tars)} shards ({nbytes / 2**20:.0f} MiB), "
           f"batch {bs}", flush=True)
-    runs = {"raw read (cat)": lambda: subprocess.run(f"cat {' '.join(tars)} > /dev/null", shell=True, check=True),
-            "ours (CRC-32 verified)": lambda: run_ours(out, bs, n),
-            "ours (verify=False)": lambda: run_ours(out, bs, n, verify=False),
-            "webdataset": lambda: run_webdataset(tars, bs, n, res),
-            "mds (mosaicml-streaming)": lambda: run_mds(os.path.join(tmp, f"mds{res}"), bs, n),
-            "litdata": lambda: run_litdata(os.path.join(tmp, f"lit{res}"), bs, n)}
+    cat = lambda: subprocess.run(f"cat {' '.join(tars)} > /dev/null", shell=True, check=True)  # noqa: E731
+    runs = {"raw read (cat)": lambda: cat,
+            "ours (CRC-32 verified)": lambda: make_ours(out, bs, n),
+            "ours (verify=False)": lambda: make_ours(out, bs, n, verify=False),
+            "webdataset": lambda: make_webdataset(tars, bs, n, res),
+            "mds (mosaicml-streaming)": lambda: make_mds(os.path.join(tmp, f"mds{res}"), bs, n),
+            "litdata": lambda: make_litdata(os.path.join(tmp, f"lit{res}"), bs, n)}
     rate = {}
-    for name, fn in runs.items():
+    for name, build in runs.items():
         try:
-            rate[name] = n / best(fn, repeats)
+            rate[name] = n / best(build(), repeats)
         except Exception as e:  # noqa: BLE001 - a peer that fails is reported, the others still run
             print(f"  {name:28s} FAILED: {type(e).__name__}: {e}", flush=True)
             continue

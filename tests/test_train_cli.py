@@ -90,3 +90,23 @@ def test_cfg_prob_zero_trains_and_previews_without_guidance(tmp_path):
     """--cfg-prob 0: no null class, so the EMA preview samples unguided instead of crashing the run."""
     out = _train_3_steps(tmp_path, "--sampling-steps", "3", "--cfg-prob", "0")
     assert os.path.isfile(os.path.join(out, "cli", "samples", "0000003.png"))
+
+
+def test_cli_conventions(tmp_path):
+    """-h shows defaults, --version, --data-dir alias of --shards, --resume-step, --no-progress."""
+    r = CliRunner().invoke(main, ["-h"])
+    assert r.exit_code == 0 and "[default: 0.0001]" in r.output and "--data-dir" in r.output
+    assert "--requeue-signal" in r.output and "--skip-bad" in r.output and "--no-progress" in r.output
+    r = CliRunner().invoke(main, ["--version"])
+    assert r.exit_code == 0 and "repa-train, version" in r.output
+    shards = write_shards(str(tmp_path / "s"), n=16)
+    out = str(tmp_path / "o")
+    args = _args(shards, out, "--max-train-steps", "2", "--checkpointing-steps", "1", "--no-progress")
+    args[args.index("--shards")] = "--data-dir"
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert "train:" not in r.output  # no progress bar
+    r = CliRunner().invoke(main, args[:-5] + ["--max-train-steps", "3", "--resume-step", "2", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    log = open(os.path.join(out, "cli", "log.txt")).read()
+    assert f"resuming from {os.path.join(out, 'cli', 'checkpoints', '0000002')} (step 2)" in log

@@ -95,3 +95,16 @@ def test_sampler_loads_a_repa_train_checkpoint(tmp_path):
     loaded, config = load_sampling_model(path)
     assert config["source"]["step"] == 7
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
+def test_trainer_imports_nothing_above_it():
+    """Package order shards -> preprocess -> trainer -> sampler: no trainer module imports repa.sampler."""
+    import ast
+    from pathlib import Path
+    bad = []
+    for path in sorted((Path(__file__).resolve().parents[1] / "trainer").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            bad += [f"{path.name}: {n}" for n in names if n.startswith(("repa.sampler", "sampler"))]
+    assert bad == []

@@ -233,3 +233,36 @@ def _to_lists(x):
     if isinstance(x, tuple):
         return [_to_lists(v) for v in x]
     return x
+
+
+# ---------------------------------------------------------------- saving from a running job
+
+class Checkpointer:
+    """Saves a running job: every rank's RNG and reader position are gathered to rank 0, which writes the
+    checkpoint atomically; remembers the last one written (``last``, ``saved_at``)."""
+
+    def __init__(self, accelerator, root: str, raw_model, ema, optimizer, position, run_config: dict,
+                 keep_last: int, last: str | None, saved_at: int | None):
+        self.accelerator, self.root, self.raw_model, self.ema, self.optimizer = accelerator, root, raw_model, ema, optimizer
+        self.position = position  # () -> this rank's reader state_dict
+        self.run_config, self.keep_last, self.last, self.saved_at = run_config, keep_last, last, saved_at
+
+    def snapshot(self) -> dict:
+        """This rank's RNG and reader position now (to save the state before a step that turns out void)."""
+        return {"rng": rng_state(), "loader": self.position()}
+
+    def save(self, step: int, per_rank: dict | None = None) -> str:
+        from accelerate.utils import gather_object
+        acc = self.accelerator
+        ranks = gather_object([per_rank or self.snapshot()])
+        path = os.path.join(self.root, f"{step:07d}")
+        if acc.is_main_process:
+            scaler = acc.scaler.state_dict() if acc.scaler is not None else {}
+            train_state = {"step": step, "optimizer": self.optimizer.state_dict(), "scaler": scaler,
+                           "world_size": acc.num_processes, "ranks": ranks}
+            path = save_checkpoint(self.root, step, model_sd=self.raw_model.state_dict(), ema_sd=self.ema.state_dict(),
+                                   train_state=train_state, config={**self.run_config, "step": step},
+                                   keep_last=self.keep_last or None)
+        acc.wait_for_everyone()
+        self.last, self.saved_at = path, step
+        return path

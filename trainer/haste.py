@@ -14,13 +14,14 @@ float32 first (the reference's teacher softmax runs on fp16 logits). On ordinary
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["HasteConfig", "default_haste_config", "attention_alignment_loss"]
+__all__ = ["HasteConfig", "default_haste_config", "attention_alignment_loss", "HasteOnline", "setup_haste"]
 
 
 @dataclass(frozen=True)
@@ -135,3 +136,73 @@ def attention_alignment_loss(student_logits_list: Sequence[torch.Tensor], teache
         log_q = F.log_softmax(s, dim=-1)
         total = total + (-(p_teacher * log_q).sum(dim=-1)).mean()
     return total / len(student_blocks)
+
+
+# ---------------------------------------------------------------- the training loop's view of HASTE
+
+@dataclass
+class HasteOnline:
+    """HASTE in a training run, behind a narrow interface: which fields to read and whether the teacher runs at a
+    step, the teacher's online outputs, and the attention loss. Phase I (steps < early_stop_point) runs the
+    teacher's remaining blocks online on the cached residual ``field``; phase II needs no teacher at all."""
+    config: HasteConfig
+    field: str  # e.g. "haste.0": residual entering teacher block ``start_block``
+    teacher_index: int  # which feat.<i> the online features replace
+    start_block: int
+    load_teacher: Callable[[], torch.nn.Module]
+    autocast: Callable = nullcontext  # the teacher runs under the run's mixed precision, like the reference's
+    teacher: torch.nn.Module | None = None
+
+    def needs_teacher(self, step: int) -> bool:
+        return self.config.active(step)
+
+    def at(self, step: int) -> "HasteOnline | None":
+        """Self, with the teacher loaded, while phase I runs at ``step``; None in phase II (teacher freed)."""
+        if not self.needs_teacher(step):
+            self.teacher = None
+            return None
+        if self.teacher is None:
+            self.teacher = self.load_teacher()
+        return self
+
+    def fields(self, step: int, feats: list[str]) -> list[str]:
+        """Fields to read at ``step``: phase I swaps the cached feat.<teacher_index> for the residual."""
+        if not self.needs_teacher(step):
+            return ["moments"]
+        return ["moments", *[f for f in feats if f != f"feat.{self.teacher_index}"], self.field]
+
+    def teacher_outputs(self, residual: torch.Tensor):
+        """(aligned features, attention logits of the aligned teacher blocks) from the cached residual."""
+        with torch.no_grad(), self.autocast():
+            return self.teacher.forward_from(residual, self.start_block, self.config.teacher_blocks)
+
+    def loss(self, student_attn, teacher_attn) -> torch.Tensor:
+        """The attention alignment term (unweighted; the caller applies ``config.attn_coeff``)."""
+        return attention_alignment_loss(student_attn, teacher_attn, self.config.student_blocks, None,
+                                        self.config.heads)
+
+
+def setup_haste(provenance: dict, model_kwargs: dict, attn_coeff: float, early_stop_point: int, device,
+                autocast: Callable = nullcontext) -> HasteOnline:
+    """The layer/head mapping from the shards' HASTE provenance and the SiT, validated; the teacher loads lazily."""
+    from repa.preprocess.teachers import load_teacher
+    info = provenance["haste"]
+    ti = int(info.get("teacher", 0))
+    meta = provenance["teachers"][ti]
+    t_depth, t_heads = int(meta.get("depth", 12)), int(meta.get("heads", 12))
+    attn_blocks = tuple(int(b) for b in info.get("attn_blocks", range(t_depth - 4, t_depth)))
+    config = default_haste_config(model_kwargs["encoder_depth"], model_kwargs["num_heads"], t_depth, t_heads,
+                                  num_pairs=len(attn_blocks), teacher_blocks=attn_blocks,
+                                  attn_coeff=attn_coeff, early_stop_point=early_stop_point)
+    config.validate(model_kwargs["depth"], model_kwargs["num_heads"], model_kwargs["encoder_depth"],
+                    t_depth, t_heads)
+    start = int(info.get("start_block", min(attn_blocks)))
+    if start > min(attn_blocks):
+        raise ValueError(f"HASTE shards cache the residual entering teacher block {start}, after the first "
+                         f"aligned block {min(attn_blocks)}; re-run repa-preprocess --haste")
+
+    def load():
+        teacher = load_teacher(meta["name"], int(provenance.get("resolution", 256)), device,
+                               grid=tuple(meta["grid"]) if meta.get("grid") else None)
+        return teacher.eval().requires_grad_(False)
+    return HasteOnline(config, info.get("field", f"haste.{ti}"), ti, start, load, autocast)

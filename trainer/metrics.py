@@ -5,6 +5,7 @@ import importlib.util
 import json
 import math
 import os
+import time
 import warnings
 
 import numpy as np
@@ -61,17 +62,9 @@ def euler_preview(model, noise: torch.Tensor, labels: torch.Tensor, num_steps: i
                   cfg_scale: float = 4.0) -> torch.Tensor:
     """Euler ODE from t=1 (noise) to t=0 (docs/reference.md §6.2) with CFG on all channels.
 
-    Uses ``sampler.euler_sampler`` when the sampler package provides it, otherwise this tiny loop.
+    Its own few lines rather than repa.sampler's solver: the trainer sits below the sampler in the package
+    order (shards -> trainer -> sampler), and a preview only needs to show where the EMA is going.
     """
-    try:
-        from repa.sampler import euler_sampler  # type: ignore[attr-defined]
-    except ImportError:
-        try:
-            from repa.sampler.samplers import euler_sampler  # type: ignore[no-redef]
-        except ImportError:
-            euler_sampler = None
-    if euler_sampler is not None:
-        return euler_sampler(model, noise, labels, num_steps=num_steps, cfg_scale=cfg_scale).float()
     x = noise.double()
     ts = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
     null = torch.full_like(labels, model.num_classes)
@@ -149,3 +142,68 @@ class PreviewDecoder:
             hi = z.amax(dim=(1, 2, 3), keepdim=True)
             return (z - lo) / (hi - lo).clamp_min(1e-8) * 2 - 1
         return vae.decode(z.to(self.device)).float().cpu()
+
+
+# ---------------------------------------------------------------- a run's per-step outputs
+
+class Preview:
+    """EMA sample grid with fixed noise/labels (own generator: never touches the training RNG)."""
+
+    def __init__(self, cfg, model_kwargs, prov, device):
+        g = torch.Generator().manual_seed(cfg.seed)
+        c, s = model_kwargs["in_channels"], model_kwargs["input_size"]
+        self.noise = torch.randn(cfg.num_preview, c, s, s, generator=g).to(device)
+        self.labels = torch.randint(model_kwargs["num_classes"], (cfg.num_preview,), generator=g).to(device)
+        vae = {**(prov.get("vae") or {}), **({"id": cfg.preview_vae} if cfg.preview_vae else {})}
+        self.decode = PreviewDecoder({**prov, "vae": vae}, device)
+        # a model trained without label dropout (--cfg-prob 0) has no null class to guide with
+        self.steps = cfg.preview_steps
+        self.cfg_scale = cfg.preview_cfg if model_kwargs.get("class_dropout_prob", 0.1) > 0 else 1.0
+
+    def __call__(self, ema, path):
+        z = euler_preview(ema, self.noise, self.labels, self.steps, self.cfg_scale)
+        save_png(to_grid(self.decode(z)), path)
+
+
+class RunLog:
+    """What a step leaves behind on rank 0: a metrics.jsonl line, tracker scalars, the tqdm bar, a warning when
+    the skipped-record count grows, and every ``--sampling-steps`` an EMA preview grid. Other ranks: nothing."""
+
+    def __init__(self, cfg, exp_dir: str, accelerator, log_with, project: str, log, start_step: int,
+                 preview_factory, stack):
+        from tqdm.auto import tqdm
+        self.cfg, self.exp_dir, self.accelerator, self.log_with, self.log = cfg, exp_dir, accelerator, log_with, log
+        main = accelerator.is_main_process
+        self.metrics = JsonlWriter(os.path.join(exp_dir, "metrics.jsonl")) if main else None
+        if self.metrics is not None:
+            stack.callback(self.metrics.close)
+        if log_with:
+            accelerator.init_trackers(project, config=_flat(cfg.to_json()))
+            stack.callback(accelerator.end_training)
+        self.preview = preview_factory() if main and cfg.sampling_steps else None
+        self.bar = stack.enter_context(tqdm(total=cfg.max_train_steps, initial=start_step, dynamic_ncols=True,
+                                            desc="train", disable=not (main and cfg.progress)))
+        self.skipped = 0
+
+    def step(self, record: dict) -> None:
+        if self.metrics is not None:
+            self.metrics.write({**record, "time": time.time()})
+        if self.log_with:
+            self.accelerator.log(record, step=record["step"])
+        if record["skipped_records"] > self.skipped:
+            self.skipped = record["skipped_records"]
+            self.log.warning(f"step {record['step']}: skipped {self.skipped} bad record(s) so far (--skip-bad); "
+                             f"re-create the damaged shards with repa-preprocess")
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", proj=f"{record['proj_loss']:.4f}",
+                             gnorm=f"{record['grad_norm']:.3f}", samples_s=f"{record['samples_per_s']:.1f}",
+                             refresh=False)
+        self.bar.update(1)
+
+    def maybe_preview(self, ema, step: int) -> None:
+        if self.preview is not None and step % self.cfg.sampling_steps == 0:
+            self.preview(ema, os.path.join(self.exp_dir, "samples", f"{step:07d}.png"))
+
+
+def _flat(d: dict) -> dict:
+    """Tracker configs accept scalars only."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in d.items()}

@@ -1,10 +1,15 @@
 """repa-train: SiT + REPA (and HASTE) on cached shards, one CPU to many GPUs/nodes via HF accelerate.
 
-The whole loop is ``train(cfg)`` below, readable top to bottom like nanoGPT's train.py:
+The whole run is ``train(cfg)`` below, readable top to bottom like nanoGPT's train.py:
 
-    shards manifest -> dimension checks -> model, EMA, AdamW -> accelerate.prepare -> resume
-    -> loop: [micro-batches: posterior sample, REPA (+HASTE) loss, backward] -> clip -> step -> EMA
-             -> log (tqdm, metrics.jsonl, trackers) -> checkpoint / preview / stop on SIGTERM
+    plan_run (flags, shards manifest, dimensions: refused before anything starts)
+    -> claim_experiment (rank 0 under the experiment's lock: folders, checkpoint choice, flag changes)
+    -> model, EMA, AdamW -> resume (weights, accelerate.prepare, optimizer, data position, RNG)
+    -> loop: StepRunner [micro-batches: posterior sample, REPA (+HASTE) loss, backward -> one all-reduce
+             -> clip -> AdamW -> EMA] -> RunLog (metrics.jsonl, trackers, tqdm, previews)
+             -> checkpoint (checkpoint.Checkpointer) -> stop on SIGTERM/SIGINT/--requeue-signal (preempt.py)
+
+What a rerun or resume may change, and what it continues from: trainer/resume.py. Refusals: trainer/guards.py.
 
 Reference behaviour reproduced (docs/reference.md §3): AdamW(1e-4, (0.9, 0.999), wd 0, eps 1e-8), constant LR,
 clip 1.0, EMA 0.9999 over all named parameters in fp32 every sync step, a fresh posterior sample every
@@ -30,10 +35,11 @@ from repa.trainer import checkpoint as ckpt
 from repa.trainer import guards, preempt, resume
 from repa.trainer.ema import make_ema, update_ema
 from repa.trainer.guards import ConfigError
-from repa.trainer.haste import HasteConfig, attention_alignment_loss, default_haste_config
+from repa.trainer.haste import HasteOnline, setup_haste
 from repa.trainer.loss import REPALoss
-from repa.trainer.metrics import JsonlWriter, PreviewDecoder, check_report_to, euler_preview, save_png, to_grid
+from repa.trainer.metrics import Preview, RunLog, check_report_to
 from repa.trainer.models import SiT, model_config
+from repa.trainer import mmdit as t2i  # text-to-image path (docs/t2i.md)
 
 
 @dataclass
@@ -173,22 +179,6 @@ def sample_latents(moments: torch.Tensor, scale: torch.Tensor, bias: torch.Tenso
 
 # ---------------------------------------------------------------- one loss evaluation
 
-@dataclass
-class HasteOnline:
-    """HASTE phase I: the teacher's remaining blocks, run online on the cached residual ``field``."""
-    config: HasteConfig
-    teacher: torch.nn.Module | None  # loaded by load_teacher() only while phase I is still ahead
-    field: str  # e.g. "haste.0": residual entering teacher block ``start_block``
-    teacher_index: int  # which feat.<i> the online features replace
-    start_block: int
-    autocast: object = nullcontext  # the teacher runs under the run's mixed precision, like the reference's
-    load_teacher: object = None
-
-    def __call__(self, residual):
-        with torch.no_grad(), self.autocast():
-            return self.teacher.forward_from(residual, self.start_block, self.config.teacher_blocks)
-
-
 def compute_loss(model, loss_fn: REPALoss, batch: dict, *, scale, bias, feats: list[str], proj_coeff: float,
                  haste: HasteOnline | None = None, draws: dict | None = None):
     """Total loss and its logged parts [denoise, proj, attn] for one micro-batch (already on the device).
@@ -206,7 +196,7 @@ def compute_loss(model, loss_fn: REPALoss, batch: dict, *, scale, bias, feats: l
         x0 = sample_latents(batch["moments"], scale, bias)
     zs = [batch[f].float() if f in batch else None for f in feats] or None
     if haste is not None:
-        online_feats, teacher_attn = haste(batch[haste.field])
+        online_feats, teacher_attn = haste.teacher_outputs(batch[haste.field])
         zs[haste.teacher_index] = online_feats.float()
     out = loss_fn(model, x0, batch["label"], zs, t=draws.get("t"), noise=draws.get("noise"),
                   force_drop_ids=draws.get("drop"), return_attn=haste is not None)
@@ -214,8 +204,7 @@ def compute_loss(model, loss_fn: REPALoss, batch: dict, *, scale, bias, feats: l
     loss = denoise + proj_coeff * proj
     attn = torch.zeros((), device=denoise.device)
     if haste is not None:
-        attn = attention_alignment_loss(out[2], teacher_attn, haste.config.student_blocks, None,
-                                        haste.config.heads)
+        attn = haste.loss(out[2], teacher_attn)
         loss = loss + haste.config.attn_coeff * attn
     return loss, torch.stack([denoise.detach(), proj.detach(), attn.detach()])
 
@@ -346,7 +335,7 @@ def plan_run(cfg: TrainConfig) -> Plan:
         preempt.parse_signal(cfg.requeue_signal)
         shards_url = resolve_shards(cfg.shards, cfg.storage_options)
         manifest = read_manifest(shards_url, storage_options=cfg.storage_options or None)
-        model_kwargs = plan_model(cfg, manifest, shards_url)
+        model_kwargs = (t2i.plan_t2i if t2i.is_t2i(manifest) else plan_model)(cfg, manifest, shards_url)
         log_with = check_report_to(cfg.report_to)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from None
@@ -434,6 +423,16 @@ def restore_optimizer(cfg, state, optimizer, accelerator) -> None:
                      weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
 
 
+def restore_data(cfg, state, data, world, rank, step, log) -> None:
+    """Per-rank seed, reader position and RNG state; a different world size or worker count restarts both."""
+    from accelerate.utils import set_seed
+    exact = exact_resume(state, cfg, world, rank, log)
+    set_seed(cfg.seed + rank if state is None or exact else cfg.seed + rank + 1_000_003 * step)
+    data.start(state["ranks"][rank]["loader"] if exact else None)
+    if exact:
+        ckpt.set_rng_state(state["ranks"][rank]["rng"])
+
+
 def exact_resume(state, cfg, world, rank, log) -> bool:
     """A bitwise resume needs the same world size and worker count (the reader's slots); otherwise warn."""
     if state is None:
@@ -451,148 +450,125 @@ def exact_resume(state, cfg, world, rank, log) -> bool:
 
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) a training run; returns {"step", "checkpoint", "exp_dir"}."""
-    from accelerate.utils import set_seed
     plan = plan_run(cfg)  # flags, shards, dimensions, preview VAE: refused here, before any process group
     accelerator = make_accelerator(cfg, plan.log_with, find_unused=plan.haste_on, project_dir=plan.exp_dir)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    accum, prov, feats = cfg.gradient_accumulation_steps, plan.manifest.provenance, plan.feats
-    if cfg.batch_size % (world * accum):
-        raise ConfigError(f"--batch-size {cfg.batch_size} (global) must be divisible by processes ({world}) x "
-                          f"--gradient-accumulation-steps ({accum})")
-    micro_batch = cfg.batch_size // (world * accum)
+    micro_batch = _micro_batch(cfg, world)
     with ExitStack() as stack:
-        claim = claim_experiment(cfg, plan, accelerator, stack)  # lock, folders, checkpoint, flag changes
-        log = claim["log"]
-        if log is None:  # other ranks: warnings only
-            log = _make_logger(None)
-            stack.callback(_close_logger, log)
+        # ---- setup: the experiment (lock, checkpoint, flag changes), model, optimizer, data
+        claim = claim_experiment(cfg, plan, accelerator, stack)
+        log = _rank_logger(claim, stack)
         _log_start(log, cfg, plan, world, device, micro_batch)
         model, ema, optimizer, haste = build_model(cfg, plan, accelerator, log)
-        state = restore(cfg, claim, model, ema, log)  # weights before prepare, optimizer/scaler after
-        global_step = int(state["step"]) if state else 0
+
+        # ---- resume: weights before accelerate.prepare, optimizer/scaler after, then data position and RNG
+        state = restore(cfg, claim, model, ema, log)
+        step = int(state["step"]) if state else 0
         model, optimizer = accelerator.prepare(model, optimizer)
         raw_model = accelerator.unwrap_model(model)
         ema.to(device)
         restore_optimizer(cfg, state, optimizer, accelerator)
-        if haste is not None and haste.config.active(global_step):  # fail fast, before step 1
-            haste.teacher = haste.load_teacher()
-        data = RankData(cfg, plan.shards_url, rank, world, micro_batch, _phase_fields(haste, feats), device,
-                        global_step)  # HASTE phase II reads no teacher data at all
-        exact = exact_resume(state, cfg, world, rank, log)
-        set_seed(cfg.seed + rank if state is None or exact else cfg.seed + rank + 1_000_003 * global_step)
-        data.start(state["ranks"][rank]["loader"] if exact else None)
-        if exact:
-            ckpt.set_rng_state(state["ranks"][rank]["rng"])
-        scale, bias = _latent_affine(prov, plan.model_kwargs, device)
-        loss_fn = REPALoss(prediction=cfg.prediction, path_type=cfg.path_type, weighting=cfg.weighting)
-        run_config = {"model": {"name": cfg.model, "kwargs": plan.model_kwargs}, "data": prov, "args": cfg.to_json(),
-                      "data_identity": resume.data_identity(plan.manifest), "history": claim["history"],
-                      "repa_version": _version()}
-        main = accelerator.is_main_process
-        preview = _Preview(cfg, plan.model_kwargs, prov, device) if main and cfg.sampling_steps else None
-        metrics = JsonlWriter(os.path.join(plan.exp_dir, "metrics.jsonl")) if main else None
-        if metrics is not None:
-            stack.callback(metrics.close)
-        if plan.log_with:
-            accelerator.init_trackers("REPA" if haste is None else "HASTE", config=_flat(cfg.to_json()))
-            stack.callback(accelerator.end_training)
-
-        def save(step, per_rank=None):
-            return _save(accelerator, plan.ckpt_root, step, raw_model, ema, optimizer, data.loader, run_config,
-                         cfg.keep_last, per_rank)
-
+        if haste is not None:
+            haste.at(step)  # loads the teacher now if phase I is still ahead: fails fast, before step 1
+        fields = (lambda s: haste.fields(s, plan.feats)) if haste else (lambda s: ["moments", *plan.feats])
+        data = RankData(cfg, plan.shards_url, rank, world, micro_batch, fields, device, step)
+        restore_data(cfg, state, data, world, rank, step, log)
+        saver = ckpt.Checkpointer(accelerator, plan.ckpt_root, raw_model, ema, optimizer,
+                                  lambda: data.loader.state_dict(), _run_config(cfg, plan, claim),
+                                  cfg.keep_last, claim["path"], step if claim["path"] else None)
+        step_once = StepRunner(cfg, plan, accelerator, model, raw_model, ema, optimizer, data, haste, saver)
+        out = RunLog(cfg, plan.exp_dir, accelerator, plan.log_with, "REPA" if haste is None else "HASTE", log,
+                     step, lambda: Preview(cfg, plan.model_kwargs, plan.manifest.provenance, device), stack)
         stop = preempt.StopFlag(cfg.requeue_signal).install()
         stack.callback(stop.restore)
-        last_ckpt, saved_at, skipped_logged = claim["path"], global_step if claim["path"] else None, 0
-        from tqdm.auto import tqdm
-        bar = stack.enter_context(tqdm(total=cfg.max_train_steps, initial=global_step, dynamic_ncols=True,
-                                       desc="train", disable=not (main and cfg.progress)))
+
+        # ---- the loop: step, log, checkpoint, stop
         model.train()
-        t_last = time.perf_counter()
-        while global_step < cfg.max_train_steps:
-            if data.switch(global_step):  # HASTE stage-wise termination: denoising only, no teacher I/O
-                haste.teacher = None
-                log.info(f"step {global_step}: HASTE early stop, alignment off; reading only {data.fields}")
-            phase1 = haste if (haste is not None and haste.config.active(global_step)) else None
-            align = haste is None or phase1 is not None
-            before = {"rng": ckpt.rng_state(), "loader": data.loader.state_dict()}  # the last good step, if needed
-            stats = torch.zeros(3, device=device)
-            step_batches = []  # kept only to name the cause if the loss is not finite
-            for micro in range(accum):
-                batch = data.next()
-                step_batches.append(batch)
-                with nullcontext() if micro == accum - 1 else accelerator.no_sync(model):
-                    loss, parts = compute_loss(
-                        model, loss_fn, batch, scale=scale, bias=bias, feats=feats if align else [],
-                        proj_coeff=cfg.proj_coeff if align else 0.0, haste=phase1)
-                    accelerator.backward(loss / accum)
-                stats += parts / accum
-            # the step's one collective and its one forced host sync (.tolist(): the values drive the control
-            # flow of every rank): logged losses, stop flag, bad-record flag, skipped-record count
-            flags = torch.tensor([float(stop.set), float(data.error is not None), float(data.skipped)], device=device)
-            reduced = accelerator.reduce(torch.cat([stats, flags]), reduction="sum").tolist()
-            denoise, proj, attn = (v / world for v in reduced[:3])
-            if reduced[4] > 0:  # a corrupt record on some rank: this step is void; save the last good one, stop
-                optimizer.zero_grad(set_to_none=True)
-                if global_step and saved_at != global_step:
-                    last_ckpt, saved_at = save(global_step, before), global_step
-                raise BadRecordError(_bad_record_msg(data.error, global_step, last_ckpt, plan.shards_url))
-            if not all(math.isfinite(v) for v in (denoise, proj, attn)):
-                raise NonFiniteLossError(_nonfinite_msg(global_step + 1, denoise, proj, last_ckpt,
-                                                        cause=_nonfinite_cause(step_batches, plan.shards_url)))
-            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))  # logged: sync
-            if not math.isfinite(grad_norm) and cfg.mixed_precision != "fp16":  # fp16: the scaler skips the step
-                raise NonFiniteLossError(_nonfinite_msg(global_step + 1, denoise, proj, last_ckpt, grad_norm,
-                                                        cause=_nonfinite_cause(step_batches, plan.shards_url)))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            update_ema(ema, raw_model, cfg.ema_decay)
-            global_step += 1
-
-            # ---- logging
-            now = time.perf_counter()
-            dt, t_last = now - t_last, now
-            record = {"step": global_step, "loss": denoise, "proj_loss": proj, "grad_norm": grad_norm,
-                      "lr": optimizer.param_groups[0]["lr"], "steps_per_s": 1 / dt, "samples_per_s": cfg.batch_size / dt,
-                      "skipped_records": int(reduced[5])}
-            if haste is not None:
-                record["attn_loss"] = attn
-            if metrics is not None:
-                metrics.write({**record, "time": time.time()})
-            if plan.log_with:
-                accelerator.log(record, step=global_step)
-            if int(reduced[5]) > skipped_logged:
-                skipped_logged = int(reduced[5])
-                log.warning(f"step {global_step}: skipped {skipped_logged} bad record(s) so far (--skip-bad); "
-                            f"re-create the damaged shards with repa-preprocess")
-            bar.set_postfix(loss=f"{denoise:.4f}", proj=f"{proj:.4f}", gnorm=f"{grad_norm:.3f}",
-                            samples_s=f"{cfg.batch_size / dt:.1f}", refresh=False)
-            bar.update(1)
-
-            # ---- checkpoint, preview, pre-emption
-            if global_step % cfg.checkpointing_steps == 0 or global_step == cfg.max_train_steps or reduced[3] > 0:
-                last_ckpt, saved_at = save(global_step), global_step
-                log.info(f"step {global_step}: saved checkpoint {last_ckpt}")
-            if preview is not None and global_step % cfg.sampling_steps == 0:
-                preview(ema, os.path.join(plan.exp_dir, "samples", f"{global_step:07d}.png"))
-            if reduced[3] > 0:
-                log.info(f"step {global_step}: stop signal received: {stop.received or 'on another rank'}; "
-                         f"exiting after checkpoint {last_ckpt}")
+        while step < cfg.max_train_steps:
+            if data.switch(step):  # HASTE stage-wise termination: denoising only, no teacher I/O from here on
+                log.info(f"step {step}: HASTE early stop, alignment off; reading only {data.fields}")
+            record, stopping = step_once(step, stop)  # raises on a non-finite loss, or a bad record (after saving)
+            step += 1
+            out.step(record)
+            if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps or stopping:
+                log.info(f"step {step}: saved checkpoint {saver.save(step)}")
+            out.maybe_preview(ema, step)
+            if stopping:
+                log.info(f"step {step}: stop signal received: {stop.received or 'on another rank'}; "
+                         f"exiting after checkpoint {saver.last}")
                 break
-        if saved_at != global_step:  # e.g. resumed at/after max_train_steps
-            last_ckpt = save(global_step)
-    return {"step": global_step, "checkpoint": last_ckpt, "exp_dir": plan.exp_dir}
+        if saver.saved_at != step:  # e.g. resumed at/after max_train_steps
+            saver.save(step)
+    return {"step": step, "checkpoint": saver.last, "exp_dir": plan.exp_dir}
 
+
+class StepRunner:
+    """One optimizer step on every rank: micro-batches -> loss -> backward -> ONE all-reduce (losses, stop flag,
+    bad-record flag, skipped count) -> non-finite check -> clip -> AdamW -> EMA. Returns (metrics record, stop?)."""
+
+    def __init__(self, cfg, plan, accelerator, model, raw_model, ema, optimizer, data, haste, saver):
+        self.cfg, self.plan, self.accelerator, self.model, self.raw_model = cfg, plan, accelerator, model, raw_model
+        self.ema, self.optimizer, self.data, self.haste, self.saver = ema, optimizer, data, haste, saver
+        self.loss_fn = REPALoss(prediction=cfg.prediction, path_type=cfg.path_type, weighting=cfg.weighting)
+        self.scale, self.bias = _latent_affine(plan.manifest.provenance, plan.model_kwargs, accelerator.device)
+        self.t_last = time.perf_counter()
+
+    def __call__(self, step: int, stop) -> tuple[dict, bool]:
+        cfg, acc, accum, world = self.cfg, self.accelerator, self.cfg.gradient_accumulation_steps, self.accelerator.num_processes
+        phase1 = self.haste.at(step) if self.haste is not None else None
+        align = self.haste is None or phase1 is not None
+        before = self.saver.snapshot()  # RNG + reader position: what to save if this step turns out void
+        stats = torch.zeros(3, device=acc.device)
+        batches = []  # kept only to name the cause if the loss is not finite
+        for micro in range(accum):
+            batch = self.data.next()
+            batches.append(batch)
+            with nullcontext() if micro == accum - 1 else acc.no_sync(self.model):  # DDP all-reduce once per step
+                loss, parts = compute_loss(self.model, self.loss_fn, batch, scale=self.scale, bias=self.bias,
+                                           feats=self.plan.feats if align else [],
+                                           proj_coeff=cfg.proj_coeff if align else 0.0, haste=phase1)
+                acc.backward(loss / accum)
+            stats += parts / accum
+        # the step's one collective and its one forced host sync (.tolist(): the values steer every rank's control
+        # flow and the log)
+        flags = torch.tensor([float(stop.set), float(self.data.error is not None), float(self.data.skipped)],
+                             device=acc.device)
+        reduced = acc.reduce(torch.cat([stats, flags]), reduction="sum").tolist()
+        denoise, proj, attn = (v / world for v in reduced[:3])
+        if reduced[4] > 0:  # a corrupt record on some rank: this step is void; save the last good one, stop
+            self.optimizer.zero_grad(set_to_none=True)
+            if step and self.saver.saved_at != step:
+                self.saver.save(step, before)
+            raise BadRecordError(_bad_record_msg(self.data.error, step, self.saver.last, self.plan.shards_url))
+        if not all(math.isfinite(v) for v in (denoise, proj, attn)):
+            raise NonFiniteLossError(_nonfinite_msg(step + 1, denoise, proj, self.saver.last,
+                                                    cause=_nonfinite_cause(batches, self.plan.shards_url)))
+        grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))  # logged: a host sync
+        if not math.isfinite(grad_norm) and cfg.mixed_precision != "fp16":  # fp16: the scaler skips the step
+            raise NonFiniteLossError(_nonfinite_msg(step + 1, denoise, proj, self.saver.last, grad_norm,
+                                                    cause=_nonfinite_cause(batches, self.plan.shards_url)))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        update_ema(self.ema, self.raw_model, cfg.ema_decay)
+        now = time.perf_counter()
+        dt, self.t_last = now - self.t_last, now
+        record = {"step": step + 1, "loss": denoise, "proj_loss": proj, "grad_norm": grad_norm,
+                  "lr": self.optimizer.param_groups[0]["lr"], "steps_per_s": 1 / dt,
+                  "samples_per_s": cfg.batch_size / dt, "skipped_records": int(reduced[5])}
+        if self.haste is not None:
+            record["attn_loss"] = attn
+        return record, reduced[3] > 0
 
 # ---------------------------------------------------------------- helpers
 
 def build_model(cfg, plan, accelerator, log):
     """SiT, its EMA, the HASTE teacher plan and AdamW: the same init on every rank (seed, not seed + rank)."""
     torch.manual_seed(cfg.seed)
-    model = SiT(**plan.model_kwargs)
+    model = (t2i.MMDiT if t2i.is_t2i(plan.manifest) else SiT)(**plan.model_kwargs)
     model.grad_checkpointing = cfg.grad_checkpointing
     ema = make_ema(model)
-    haste = _setup_haste(cfg, plan.manifest.provenance, plan.model_kwargs, accelerator) if plan.haste_on else None
+    haste = setup_haste(plan.manifest.provenance, plan.model_kwargs, cfg.attn_coeff, cfg.early_stop_point,
+                        accelerator.device, accelerator.autocast) if plan.haste_on else None
     if cfg.compile:
         model.compile()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
@@ -602,14 +578,28 @@ def build_model(cfg, plan, accelerator, log):
     return model, ema, optimizer, haste
 
 
-def _phase_fields(haste, feats):
-    def fields(step):
-        if haste is None:
-            return ["moments", *feats]
-        if not haste.config.active(step):
-            return ["moments"]
-        return ["moments", *[f for f in feats if f != f"feat.{haste.teacher_index}"], haste.field]
-    return fields
+def _micro_batch(cfg, world: int) -> int:
+    accum = cfg.gradient_accumulation_steps
+    if cfg.batch_size % (world * accum):
+        raise ConfigError(f"--batch-size {cfg.batch_size} (global) must be divisible by processes ({world}) x "
+                          f"--gradient-accumulation-steps ({accum})")
+    return cfg.batch_size // (world * accum)
+
+
+def _rank_logger(claim, stack) -> logging.Logger:
+    """Rank 0's logger (opened under the lock by claim_experiment); other ranks log warnings only."""
+    if claim["log"] is not None:
+        return claim["log"]
+    log = _make_logger(None)
+    stack.callback(_close_logger, log)
+    return log
+
+
+def _run_config(cfg, plan, claim) -> dict:
+    """config.json of every checkpoint (its "step" is added at save time)."""
+    return {"model": {"name": cfg.model, "kwargs": plan.model_kwargs}, "data": plan.manifest.provenance,
+            "args": cfg.to_json(), "data_identity": resume.data_identity(plan.manifest), "history": claim["history"],
+            "repa_version": _version()}
 
 
 def _latent_affine(prov, model_kwargs, device):
@@ -631,23 +621,6 @@ def _log_start(log, cfg, plan, world, device, micro_batch):
         torch.backends.cudnn.allow_tf32 = True
 
 
-def _save(accelerator, root, step, raw_model, ema, optimizer, loader, run_config, keep_last, per_rank=None) -> str:
-    """Gather every rank's RNG + reader position (now, or the ``per_rank`` snapshot) to rank 0, which writes the
-    checkpoint atomically."""
-    from accelerate.utils import gather_object
-    per_rank = gather_object([per_rank or {"rng": ckpt.rng_state(), "loader": loader.state_dict()}])
-    path = os.path.join(root, f"{step:07d}")
-    if accelerator.is_main_process:
-        scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else {}
-        train_state = {"step": step, "optimizer": optimizer.state_dict(), "scaler": scaler,
-                       "world_size": accelerator.num_processes, "ranks": per_rank}
-        path = ckpt.save_checkpoint(root, step, model_sd=raw_model.state_dict(), ema_sd=ema.state_dict(),
-                                    train_state=train_state, config={**run_config, "step": step},
-                                    keep_last=keep_last or None)
-    accelerator.wait_for_everyone()
-    return path
-
-
 def _bad_record_msg(error: str | None, step: int, last_ckpt: str | None, shards_url: str) -> str:
     what = error or f"another rank read a corrupt record of {shards_url} (its log names the shard and key)"
     saved = (f"saved checkpoint {last_ckpt} (step {step}, the last good step)" if last_ckpt
@@ -655,50 +628,6 @@ def _bad_record_msg(error: str | None, step: int, last_ckpt: str | None, shards_
     return (f"{what}. Stopped; {saved}. Re-create that shard (delete it and rerun repa-preprocess: it redoes "
             f"missing shards), or pass --skip-bad to skip and count bad records; then rerun the same command "
             f"to resume")
-
-
-def _setup_haste(cfg: TrainConfig, prov: dict, model_kwargs: dict, accelerator) -> HasteOnline:
-    """Teacher for the online part of HASTE phase I and the layer/head mapping (trainer/haste.py)."""
-    from repa.preprocess.teachers import load_teacher
-    info = prov["haste"]
-    ti = int(info.get("teacher", 0))
-    meta = prov["teachers"][ti]
-    t_depth, t_heads = int(meta.get("depth", 12)), int(meta.get("heads", 12))
-    attn_blocks = tuple(int(b) for b in info.get("attn_blocks", range(t_depth - 4, t_depth)))
-    config = default_haste_config(model_kwargs["encoder_depth"], model_kwargs["num_heads"], t_depth, t_heads,
-                                  num_pairs=len(attn_blocks), teacher_blocks=attn_blocks,
-                                  attn_coeff=cfg.attn_coeff, early_stop_point=cfg.early_stop_point)
-    config.validate(model_kwargs["depth"], model_kwargs["num_heads"], model_kwargs["encoder_depth"],
-                    t_depth, t_heads)
-    start = int(info.get("start_block", min(attn_blocks)))
-    if start > min(attn_blocks):
-        raise ValueError(f"HASTE shards cache the residual entering teacher block {start}, after the first "
-                         f"aligned block {min(attn_blocks)}; re-run repa-preprocess --haste")
-
-    def load():
-        teacher = load_teacher(meta["name"], int(prov.get("resolution", 256)), accelerator.device,
-                               grid=tuple(meta["grid"]) if meta.get("grid") else None)
-        return teacher.eval().requires_grad_(False)
-    return HasteOnline(config, None, info.get("field", f"haste.{ti}"), ti, start, accelerator.autocast, load)
-
-
-class _Preview:
-    """EMA sample grid with fixed noise/labels (own generator: never touches the training RNG)."""
-
-    def __init__(self, cfg, model_kwargs, prov, device):
-        g = torch.Generator().manual_seed(cfg.seed)
-        c, s = model_kwargs["in_channels"], model_kwargs["input_size"]
-        self.noise = torch.randn(cfg.num_preview, c, s, s, generator=g).to(device)
-        self.labels = torch.randint(model_kwargs["num_classes"], (cfg.num_preview,), generator=g).to(device)
-        vae = {**(prov.get("vae") or {}), **({"id": cfg.preview_vae} if cfg.preview_vae else {})}
-        self.decode = PreviewDecoder({**prov, "vae": vae}, device)
-        # a model trained without label dropout (--cfg-prob 0) has no null class to guide with
-        self.steps = cfg.preview_steps
-        self.cfg_scale = cfg.preview_cfg if model_kwargs.get("class_dropout_prob", 0.1) > 0 else 1.0
-
-    def __call__(self, ema, path):
-        z = euler_preview(ema, self.noise, self.labels, self.steps, self.cfg_scale)
-        save_png(to_grid(self.decode(z)), path)
 
 
 def _nonfinite_cause(batches: list[dict], shards_url: str) -> str:
@@ -747,11 +676,6 @@ def _close_logger(log: logging.Logger) -> None:
     for handler in list(log.handlers):
         handler.close()
         log.removeHandler(handler)
-
-
-def _flat(d: dict) -> dict:
-    """Tracker configs accept scalars only."""
-    return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in d.items()}
 
 
 def _version() -> str:
