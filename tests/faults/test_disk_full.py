@@ -52,7 +52,6 @@ def test_checkpoint_disk_full_keeps_previous(tmp_path, monkeypatch, faults):
 def test_shard_disk_full_keeps_previous(tmp_path, monkeypatch, faults):
     import repa.shards.writer as sw
     out = tmp_path / "set"
-    real_open = open
 
     class Full:
         """A shard temp file on a disk with room for 3 records."""
@@ -73,7 +72,8 @@ def test_shard_disk_full_keeps_previous(tmp_path, monkeypatch, faults):
         for k in range(8):
             w.write(k, sample_for(k))  # shards 0 and 1 complete
     good = {n: hashlib.sha256((out / n).read_bytes()).hexdigest() for n in os.listdir(out)}
-    monkeypatch.setattr(sw, "open", lambda p, mode="r", *a, **k: Full(real_open(p, mode, *a, **k)), raising=False)
+    real_create = sw.storage.create_temp  # every shard temp file is opened by storage.create_temp
+    monkeypatch.setattr(sw.storage, "create_temp", lambda d, n: (lambda f, p: (Full(f), p))(*real_create(d, n)))
     with pytest.raises(OSError) as e:
         with ShardSetWriter(str(out), FIELDS, records_per_shard=4) as w:
             for k in range(12):
