@@ -55,7 +55,8 @@ def _num_images(source: Source, limit: int | None) -> int:
 
 
 def _open(opts: Options) -> tuple[Source, int, str]:
-    source = open_source(opts.source, data_dir=opts.data_dir, split=opts.split, image_column=opts.image_column,
+    from .captions import open_captioned_source  # coco:, captions:, hf: --caption-column (docs/t2i.md)
+    source = open_captioned_source(opts) or open_source(opts.source, data_dir=opts.data_dir, split=opts.split, image_column=opts.image_column,
                          label_column=opts.label_column, streaming=opts.streaming, num_classes=opts.num_classes,
                          skip_bad=opts.skip_bad, res=opts.res)
     source.exif_transpose = opts.exif_transpose
@@ -94,9 +95,9 @@ def _resume_plan(out, plan, fields, opts: Options, dist: Dist, echo) -> list[int
     so = opts.storage_options
     done = completed_shards(out, storage_options=so)
     own = {shard_name(j) for j in range(len(plan)) if j % dist.world == dist.rank}
-    if opts.verify and done:
+    if done:
         repair(out, {k: v for k, v in done.items() if k in own}, fields, so, echo,
-               progress=opts.progress and dist.rank == 0)
+               progress=opts.progress and dist.rank == 0, quick=not opts.verify)
         done = completed_shards(out, storage_options=so)
     return [j for j in range(len(plan)) if shard_name(j) in own and shard_name(j) not in done]
 
@@ -119,6 +120,10 @@ def run(opts: Options, echo: Callable[[str], None] = print) -> dict:
     try:
         models = Models(opts, device)  # before the settings are written: a failed load leaves nothing behind
         fields = _fields(opts, models(torch.zeros(1, 3, opts.res, opts.res, dtype=torch.uint8)))
+        from .captions import text_stage_for
+        models.text = text_stage_for(source, opts, device)  # captioned sources: loads the text encoder now
+        if models.text is not None:
+            fields.update(models.text.fields(opts.feature_codec))
         if dist.rank == 0:
             write_settings(out, record, listing, opts.storage_options)
         dist.barrier()
@@ -189,6 +194,8 @@ def _loop(opts, loader, models, writer, stop: StopFlag, out, n_todo, dist, echo)
                 echo(f"skipping bad image {path}: {msg}")
                 skipped += 1
             arrays = models(batch["images"]) if batch["images"] is not None else {}
+            if getattr(models, "text", None) is not None and batch["ok_keys"]:  # text.<k> + num_captions
+                arrays.update(models.text(batch["ok_keys"]))
             writer.put((batch["ok_keys"], batch["labels"], arrays, batch["errors"]))
             bar.update(len(batch["keys"]))
             if stop.signum:
@@ -225,6 +232,8 @@ def _finalize(opts, source, n, out, plan, models, fields) -> dict:
         "precision": {"vae": opts.vae_precision, "teachers": opts.precision},
         "order": {"shuffled": bool(source.indexable), "seed": opts.seed, "records_per_shard": opts.shard_size},
     }
+    if getattr(models, "text", None) is not None:  # writes captions.json + empty_context before the manifest
+        provenance["text"] = models.text.finalize(out, so)
     # with skipped images the key set has holes: _check_complete did the accounting per shard
     manifest = finalize_manifest(out, fields, provenance, expected_records=None if skipped else n,
                                  storage_options=so)

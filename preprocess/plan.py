@@ -21,40 +21,56 @@ SHARD_PREFIX = "shard"
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 FEATURE_CODECS = ("bf16", "fp16", "fp32", "int8")
 
+def flag(default, help: str, **cli):
+    """An Options field that is also a repa-preprocess flag: `--<name with dashes>`, its help text, and
+    optional click settings (`choices`, `type`; booleans defaulting to True get a `--no-<name>` form)."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
 @dataclass
 class Options:
-    """Everything repa-preprocess needs (the CLI flags). Fields marked in `FINGERPRINT` fix the output."""
+    """Everything repa-preprocess needs. Every field with help is a CLI flag (preprocess/cli.py builds the
+    command line from these fields, so each flag and its default are written once, here). Fields named in
+    `FINGERPRINT` fix the output (stored in preprocess.json)."""
 
     source: str
-    res: int = 256
-    out: str | None = None
-    data_dir: str | None = None
-    split: str = "train"
-    image_column: str | None = None
-    label_column: str | None = None
-    streaming: bool | None = None
-    num_classes: int | None = None
-    vae: str = "ema"
-    enc_type: str = "dinov2-vit-b"
-    precision: str = "auto"          # teachers: fp16 on CUDA (the reference's autocast), fp32 on CPU
-    vae_precision: str = "fp32"      # the reference encodes latents in fp32
-    feature_codec: str = "bf16"
-    flip: bool = False
-    haste: bool = False
-    shard_size: int = 1000
-    seed: int = 0
-    limit: int | None = None
-    exif_transpose: bool = True
-    skip_bad: bool = False
-    batch_size: int = 64
-    num_workers: int | None = None
-    compile: bool = False
-    device: str | None = None
-    storage_options: dict | None = None
-    progress: bool = True
-    verify: bool = True              # resume: fully verify the finished shards, rewrite those that fail
-    requeue_signal: str | None = "USR1"  # stops cleanly like SIGTERM/SIGINT (SLURM --signal=B:USR1@120)
-    # test hook: called with the shard index after each shard is closed (lets tests simulate a crash)
+    res: int = flag(256, "ADM center-crop side (multiple of 16).")
+    out: str | None = flag(None, "Output directory or object-store URL [default: shards/<source>-<res>].")
+    data_dir: str | None = flag(None, "imagenet: local ILSVRC-2012 train folder (nXXXXXXXX/*.JPEG).")
+    split: str = flag("train", "HF sources: split.")
+    image_column: str | None = flag(None, "HF sources: image column [default: image or img].")
+    label_column: str | None = flag(None, "HF sources: label column [default: label or fine_label].")
+    streaming: bool | None = flag(None, "HF sources: stream instead of downloading [default: stream for imagenet "
+                                  "only].", type=bool)
+    num_classes: int | None = flag(None, "Override the number of classes.", type=int)
+    vae: str = flag("ema", "ema | mse | none | HF repo id | local diffusers directory.")
+    enc_type: str = flag("dinov2-vit-b", "Comma list of teachers (dinov2-vit-b, clip-vit-L, timm:NAME, ...) or "
+                         "none.")
+    precision: str = flag("auto", "Teacher autocast; auto = fp16 on CUDA (the reference), fp32 on CPU.",
+                          choices=("auto", "fp32", "bf16", "fp16"))
+    vae_precision: str = flag("fp32", "VAE autocast (the reference encodes in fp32).",
+                              choices=("fp32", "bf16", "fp16"))
+    feature_codec: str = flag("bf16", "Storage codec of teacher features.", choices=FEATURE_CODECS)
+    flip: bool = flag(False, "Also store moments_flip / feat_flip.<i> of the mirrored image.")
+    haste: bool = flag(False, "Also store haste.0: teacher 0's residual stream entering block 8.")
+    shard_size: int = flag(1000, "Records per shard.")
+    seed: int = flag(0, "Seed of the write-order permutation.")
+    limit: int | None = flag(None, "Only the first N images (trials).", type=int)
+    exif_transpose: bool = flag(True, "Apply the EXIF orientation (the reference ignores it).")
+    skip_bad: bool = flag(False, "Skip unreadable images (reported, counted in the manifest).")
+    batch_size: int = flag(64, "Images per model forward (per process).")
+    num_workers: int | None = flag(None, "Decode workers per process [default: min(8, cpus)].", type=int)
+    compile: bool = flag(False, "torch.compile the VAE encoder and teachers.")
+    device: str | None = flag(None, "Device [default: cuda:<local rank> if available, else cpu].")
+    storage_options: dict | None = flag(None, "JSON dict for fsspec (object stores), e.g. "
+                                        "'{\"client_kwargs\": {\"endpoint_url\": \"http://127.0.0.1:9000\"}}'.",
+                                        type=dict)
+    progress: bool = flag(True, "Progress bar.")
+    verify: bool = flag(True, "On a rerun, read every finished shard once (sha256 + each record's CRC) and "
+                        "rewrite those that fail; --no-verify checks only size, first/last records (O(1)).")
+    requeue_signal: str | None = flag("USR1", "Signal that, like SIGTERM/SIGINT, stops the run cleanly (exit 0, "
+                                      "rerun to resume); none to disable (SLURM: --signal=B:USR1@120).")
+    # test hook (not a flag): called with the shard index after each shard is closed
     on_shard_done: Callable[[int], None] | None = field(default=None, repr=False, compare=False)
 
 

@@ -177,20 +177,22 @@ def write_settings(out: str, record: dict, listing: list | None, storage_options
 # ---------------------------------------------------------------------------------------------- repair
 
 def repair(out: str, done: dict, fields: dict, storage_options: dict | None, echo: Callable[[str], None],
-           progress: bool = False) -> list[str]:
-    """Fully verify the finished shards `done` ({name: ShardInfo}: sha256, every record's headers and CRC);
-    remove those that fail (the manifest that lists them first, then the sidecar, then the shard) so that
-    this run rewrites them. Returns the names removed."""
+           progress: bool = False, quick: bool = False) -> list[str]:
+    """Verify the finished shards `done` ({name: ShardInfo}): fully (sha256, every record's headers and CRC)
+    or, with `quick`, the O(1) identity check (size, first/last record headers, keys and CRCs); remove those
+    that fail (the manifest that lists them first, then the sidecar, then the shard) so that this run
+    rewrites them. Returns the names removed."""
     from repa.shards import storage
     from repa.shards.tario import RecordCodec
     from repa.shards.verify import verify_shard
     from tqdm.auto import tqdm
     codec = RecordCodec(fields)
     bad = []
-    with tqdm(total=sum(i.nbytes for i in done.values()), unit="B", unit_scale=True, disable=not progress,
-              desc=f"verifying {len(done)} finished shards") as bar:
+    with tqdm(total=sum(i.nbytes for i in done.values()), unit="B", unit_scale=True,
+              disable=not progress or quick, desc=f"verifying {len(done)} finished shards") as bar:
         for name in sorted(done):
-            reason = verify_shard(join(out, name), done[name], codec, storage_options, bar.update)
+            reason = verify_shard(join(out, name), done[name], codec, storage_options, quick=quick,
+                                  progress=bar.update)
             if reason:
                 bad.append(name)
                 echo(f"{join(out, name)} failed verification ({reason}); rewriting it")

@@ -243,3 +243,24 @@ def test_haste_residual(assets, tmp_path):
     img = adm_center_crop(load_rgb(sorted((assets / "img").rglob("*.*"))[2]), RES)
     ref = teacher.residual_before(torch.from_numpy(img).permute(2, 0, 1)[None], 8)[0]
     torch.testing.assert_close(recs[2]["haste.0"].float(), ref.half().float())
+
+
+def test_cli_conventions():
+    """-h/--help, --version, defaults shown, every Options flag exactly once, no abbreviations."""
+    import dataclasses
+
+    from click.testing import CliRunner
+    r = CliRunner()
+    h = r.invoke(main, ["-h"])
+    assert h.exit_code == 0 and h.output == r.invoke(main, ["--help"]).output
+    assert "[default: 1000]" in h.output and "--no-progress" in h.output and "--no-exif-transpose" in h.output
+    flags = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(Options) if "help" in f.metadata]
+    assert len(flags) == 28
+    for fl in flags:
+        assert fl in h.output, fl
+    assert [p.name for p in main.params if p.name not in ("version", "source")] == \
+        [f.name for f in dataclasses.fields(Options) if "help" in f.metadata]  # generated from the fields
+    v = r.invoke(main, ["--version"])
+    assert v.exit_code == 0 and v.output.startswith("repa-preprocess, version ")
+    bad = r.invoke(main, ["digits", "--shard", "5"])
+    assert bad.exit_code == 2 and "No such option" in bad.output and "'--shard'" in bad.output
