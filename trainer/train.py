@@ -517,7 +517,8 @@ class StepRunner:
         cfg, acc, accum, world = self.cfg, self.accelerator, self.cfg.gradient_accumulation_steps, self.accelerator.num_processes
         phase1 = self.haste.at(step) if self.haste is not None else None
         align = self.haste is None or phase1 is not None
-        before = self.saver.snapshot()  # RNG + reader position: what to save if this step turns out void
+        before = self.saver.snapshot()  # RNG + reader position (host-side copies, no device sync): saved if this
+        # step turns out void (a corrupt record), so the checkpoint is exactly the state after the last good step
         stats = torch.zeros(3, device=acc.device)
         batches = []  # kept only to name the cause if the loss is not finite
         for micro in range(accum):
@@ -529,13 +530,17 @@ class StepRunner:
                                            proj_coeff=cfg.proj_coeff if align else 0.0, haste=phase1)
                 acc.backward(loss / accum)
             stats += parts / accum
+        # clip before the all-reduce so the grad norm rides along (gradients are already identical on every rank
+        # after DDP's backward; a step that turns out void below never uses them)
+        grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm).reshape(1).float()
+        flags = torch.tensor([float(stop.set), float(self.data.error is not None), float(self.data.skipped)])
         # the step's one collective and its one forced host sync (.tolist(): the values steer every rank's control
-        # flow and the log)
-        flags = torch.tensor([float(stop.set), float(self.data.error is not None), float(self.data.skipped)],
-                             device=acc.device)
-        reduced = acc.reduce(torch.cat([stats, flags]), reduction="sum").tolist()
-        denoise, proj, attn = (v / world for v in reduced[:3])
-        if reduced[4] > 0:  # a corrupt record on some rank: this step is void; save the last good one, stop
+        # flow and the log): losses, grad norm, stop flag, bad-record flag, skipped-record count
+        reduced = acc.reduce(torch.cat([stats, grad_norm, flags.to(acc.device, non_blocking=True)]),
+                             reduction="sum").tolist()
+        denoise, proj, attn, grad_norm = (v / world for v in reduced[:4])
+        stopping, bad, skipped = reduced[4] > 0, reduced[5] > 0, int(reduced[6])
+        if bad:  # a corrupt record on some rank: this step is void; save the last good one, stop
             self.optimizer.zero_grad(set_to_none=True)
             if step and self.saver.saved_at != step:
                 self.saver.save(step, before)
@@ -543,7 +548,6 @@ class StepRunner:
         if not all(math.isfinite(v) for v in (denoise, proj, attn)):
             raise NonFiniteLossError(_nonfinite_msg(step + 1, denoise, proj, self.saver.last,
                                                     cause=_nonfinite_cause(batches, self.plan.shards_url)))
-        grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))  # logged: a host sync
         if not math.isfinite(grad_norm) and cfg.mixed_precision != "fp16":  # fp16: the scaler skips the step
             raise NonFiniteLossError(_nonfinite_msg(step + 1, denoise, proj, self.saver.last, grad_norm,
                                                     cause=_nonfinite_cause(batches, self.plan.shards_url)))
@@ -554,10 +558,10 @@ class StepRunner:
         dt, self.t_last = now - self.t_last, now
         record = {"step": step + 1, "loss": denoise, "proj_loss": proj, "grad_norm": grad_norm,
                   "lr": self.optimizer.param_groups[0]["lr"], "steps_per_s": 1 / dt,
-                  "samples_per_s": cfg.batch_size / dt, "skipped_records": int(reduced[5])}
+                  "samples_per_s": cfg.batch_size / dt, "skipped_records": skipped}
         if self.haste is not None:
             record["attn_loss"] = attn
-        return record, reduced[3] > 0
+        return record, stopping
 
 # ---------------------------------------------------------------- helpers
 
