@@ -18,6 +18,7 @@ CFG null context), both written atomically before the manifest.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -27,11 +28,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .crop import load_rgb, to_rgb
-from .sources import Source, SourceError, image_extensions
+from .crop import to_rgb
+from .sources import Source, SourceError, image_extensions, listing_sha256
 
 __all__ = ["CaptionedSource", "COCOSource", "CaptionsFolderSource", "HFCaptionSource", "TextStage",
-           "open_text_stage", "is_captioned_spec", "CAPTIONS_FILE", "EMPTY_CONTEXT_FILE", "read_captions",
+           "open_text_stage", "open_captioned_source", "text_stage_for", "is_captioned_spec", "CAPTIONS_FILE", "EMPTY_CONTEXT_FILE", "read_captions",
            "read_empty_context"]
 
 CAPTIONS_FILE = "captions.json"
@@ -56,10 +57,34 @@ class CaptionedSource(Source):
         return self.caps[key]
 
     def decode(self, record):
-        return load_rgb(record, self.exif_transpose), 0, record
+        return self._load(record, record), 0, record  # size limits checked on the header first
 
     def describe(self, key: int) -> str:
         return self.paths[key]
+
+    def listing(self) -> list[list]:
+        """[[path relative to the image root, size in bytes], ...] in key order (size -1: cannot be stat'ed)."""
+        if getattr(self, "_listing", None) is None:
+            out = []
+            for p in self.paths:
+                try:
+                    size = os.stat(p).st_size
+                except OSError:
+                    size = -1
+                out.append([os.path.relpath(p, self.image_root).replace(os.sep, "/"), int(size)])
+            self._listing = out
+        return self._listing
+
+    def fingerprint(self) -> dict:
+        """Equal iff the same images under the same keys with the same captions (a rerun with edited
+        captions is refused like one with changed images)."""
+        lst = self.listing()
+        return {"kind": type(self).__name__, "num_rows": len(lst), "bytes": sum(max(0, s) for _, s in lst),
+                "sha256": listing_sha256(lst), "captions_sha256": _captions_sha256(self.caps)}
+
+
+def _captions_sha256(caps: list[list[str]]) -> str:
+    return hashlib.sha256(json.dumps(caps, ensure_ascii=False).encode()).hexdigest()
 
 
 def _check_captions(spec: str, where: str, names: list[str], caps: list[list[str]]) -> None:
@@ -124,6 +149,7 @@ class COCOSource(CaptionedSource):
                               f"next to DIR/annotations/captions_{self.split}.json)")
         _check_captions(spec, ann_path, self.files, [caps[i] for i in ids])
         _match_files(spec, img_dir, self.files, ann_path)
+        self.image_root = img_dir
         self.paths = [os.path.join(img_dir, f) for f in self.files]
         self.caps = [[c.strip() for c in caps[i]] for i in ids]
 
@@ -167,6 +193,7 @@ class CaptionsFolderSource(CaptionedSource):
         _check_captions(spec, index, files, [entries[f] for f in files])
         _match_files(spec, self.root, files, index)
         self.files = files
+        self.image_root = self.root
         self.paths = [os.path.join(self.root, f) for f in files]
         self.caps = [[c.strip() for c in entries[f]] for f in files]
 
@@ -211,6 +238,14 @@ class HFCaptionSource(CaptionedSource):
         _check_captions(spec, f"column {caption_column!r}", self.paths, self.caps)
         self.caps = [[c.strip() for c in cs] for cs in self.caps]
         self.ds = ds.select_columns([self.image_column])
+        self._ds_fingerprint = getattr(ds, "_fingerprint", None)
+
+    def fingerprint(self) -> dict:
+        return {"kind": "hf-captions", "dataset": self.dataset, "split": self.split, "num_rows": len(self.paths),
+                "datasets_fingerprint": self._ds_fingerprint, "captions_sha256": _captions_sha256(self.caps)}
+
+    def listing(self):
+        return None
 
     def get(self, key: int):
         return key, self.ds[int(key)][self.image_column]
@@ -222,7 +257,7 @@ class HFCaptionSource(CaptionedSource):
             src = io.BytesIO(img["bytes"]) if img.get("bytes") is not None else img.get("path")
             if not src:
                 raise SourceError(f"{name}: empty image entry")
-            return load_rgb(src, self.exif_transpose), 0, name
+            return self._load(src, name), 0, name
         if hasattr(img, "convert"):
             return to_rgb(img), 0, name
         arr = np.asarray(img)
@@ -248,21 +283,43 @@ def _open_captioned(opts) -> CaptionedSource:
     return HFCaptionSource(path, spec, opts.caption_column, split=opts.split, image_column=opts.image_column)
 
 
-def open_text_stage(opts) -> "TextStage | None":
-    """The text stage of a captioned source (coco:, captions:, hf: + --caption-column), else None.
+def _text_options(opts) -> tuple[str | None, str | None, int | None]:
+    return (getattr(opts, "text_encoder", None), getattr(opts, "caption_column", None),
+            getattr(opts, "max_captions", None))
+
+
+def open_captioned_source(opts) -> "CaptionedSource | None":
+    """The captioned source named by ``opts.source`` (coco:, captions:, hf: + --caption-column), else None.
     Text options given for a class-labelled source are refused (they would be silently ignored)."""
-    text_encoder = getattr(opts, "text_encoder", None)
-    caption_column = getattr(opts, "caption_column", None)
-    max_captions = getattr(opts, "max_captions", None)
+    text_encoder, caption_column, max_captions = _text_options(opts)
     if not is_captioned_spec(opts.source, caption_column):
         if text_encoder or max_captions:
             raise SourceError(f"--text-encoder/--max-captions need a captioned source (coco:DIR, captions:DIR or "
                               f"hf:NAME --caption-column COL), not {opts.source!r}")
         return None
-    k = DEFAULT_MAX_CAPTIONS if max_captions is None else int(max_captions)
-    if k < 1:
-        raise SourceError(f"--max-captions must be >= 1, got {k}")
-    return TextStage(_open_captioned(opts), text_encoder or "clip-vit-L", k)
+    if max_captions is not None and int(max_captions) < 1:
+        raise SourceError(f"--max-captions must be >= 1, got {max_captions}")
+    source = _open_captioned(opts)
+    source.res = getattr(opts, "res", None)  # decode checks the ADM resize size first, as open_source does
+    return source
+
+
+def text_stage_for(source, opts, device=None) -> "TextStage | None":
+    """The text stage of a captioned source (None for others); with ``device`` its encoder is loaded now."""
+    if not isinstance(source, CaptionedSource):
+        return None
+    text_encoder, _, max_captions = _text_options(opts)
+    stage = TextStage(source, text_encoder or "clip-vit-L",
+                      DEFAULT_MAX_CAPTIONS if max_captions is None else int(max_captions))
+    if device is not None:
+        stage.load(device)
+    return stage
+
+
+def open_text_stage(opts, device=None) -> "TextStage | None":
+    """``text_stage_for(open_captioned_source(opts), opts, device)``."""
+    source = open_captioned_source(opts)
+    return None if source is None else text_stage_for(source, opts, device)
 
 
 class TextStage:

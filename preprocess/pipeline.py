@@ -56,9 +56,10 @@ def _num_images(source: Source, limit: int | None) -> int:
 
 def _open(opts: Options) -> tuple[Source, int, str]:
     from .captions import open_captioned_source  # coco:, captions:, hf: --caption-column (docs/t2i.md)
-    source = open_captioned_source(opts) or open_source(opts.source, data_dir=opts.data_dir, split=opts.split, image_column=opts.image_column,
-                         label_column=opts.label_column, streaming=opts.streaming, num_classes=opts.num_classes,
-                         skip_bad=opts.skip_bad, res=opts.res)
+    source = open_captioned_source(opts) or open_source(
+        opts.source, data_dir=opts.data_dir, split=opts.split, image_column=opts.image_column,
+        label_column=opts.label_column, streaming=opts.streaming, num_classes=opts.num_classes,
+        skip_bad=opts.skip_bad, res=opts.res)
     source.exif_transpose = opts.exif_transpose
     n = _num_images(source, opts.limit)
     return source, n, opts.out or default_out(source, opts.res)

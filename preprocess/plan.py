@@ -40,6 +40,12 @@ class Options:
     split: str = flag("train", "HF sources: split.")
     image_column: str | None = flag(None, "HF sources: image column [default: image or img].")
     label_column: str | None = flag(None, "HF sources: label column [default: label or fine_label].")
+    caption_column: str | None = flag(None, "hf: sources: caption column (a string or a list of strings); makes "
+                                      "the source a captioned (text-to-image) one, docs/t2i.md.")
+    text_encoder: str | None = flag(None, "Captioned sources (coco:DIR, captions:DIR, hf: --caption-column): "
+                                    "clip-vit-L | HF id | local CLIPTextModel folder [default: clip-vit-L].")
+    max_captions: int | None = flag(None, "Captioned sources: text.<k> slots per record [default: 5, MS-COCO's].",
+                                    type=int)
     streaming: bool | None = flag(None, "HF sources: stream instead of downloading [default: stream for imagenet "
                                   "only].", type=bool)
     num_classes: int | None = flag(None, "Override the number of classes.", type=int)
@@ -77,6 +83,7 @@ class Options:
 FINGERPRINT = ("source", "res", "data_dir", "split", "image_column", "label_column", "streaming",
                "num_classes", "vae", "enc_type", "precision", "vae_precision", "feature_codec", "flip",
                "haste", "shard_size", "seed", "limit", "exif_transpose")
+TEXT_FINGERPRINT = ("caption_column", "text_encoder", "max_captions")  # recorded only when set (older runs lack them)
 
 
 def default_out(source: Source, res: int) -> str:
@@ -134,6 +141,7 @@ def init_dist() -> Dist:
 
 def _settings(opts: Options) -> dict:
     d = {k: getattr(opts, k) for k in FINGERPRINT}
+    d.update({k: getattr(opts, k) for k in TEXT_FINGERPRINT if getattr(opts, k) is not None})
     if d["data_dir"]:
         d["data_dir"] = os.path.abspath(d["data_dir"])
     return d
