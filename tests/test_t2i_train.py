@@ -7,8 +7,13 @@ from safetensors.torch import save_file
 
 from repa.shards import FieldSpec, read_manifest
 from repa.trainer.mmdit import draw_context, is_t2i, load_empty_context, plan_t2i, text_fields
-from repa.trainer.train import TrainConfig
-from _train_shards import write_shards
+from repa.trainer.checkpoint import load_checkpoint
+from repa.trainer.metrics import read_jsonl
+from repa.trainer.mmdit import MMDiT
+from repa.trainer.train import TrainConfig, train
+from _train_shards import one_thread, tiny_train_config, write_shards  # noqa: F401 (autouse fixture)
+from test_mmdit import _official_model, ref  # noqa: F401 (fixture)
+from safetensors.torch import load_file
 
 CTX = (5, 32)  # tokens x hidden of the test "text encoder"
 
@@ -83,3 +88,62 @@ def test_plan_t2i_from_manifest(tmp_path):
     os.remove(os.path.join(url, "empty_context.safetensors"))
     with pytest.raises(FileNotFoundError, match="empty_context.safetensors is missing"):
         load_empty_context(url)
+
+
+def test_t2i_step_loss_matches_official_train_t2i(ref):  # noqa: F811
+    """repa-train's compute_loss on the t2i path == the official SILoss of train_t2i.py, same draws."""
+    from repa.trainer.loss import REPALoss
+    from repa.trainer.mmdit import ContextAsLabels
+    from repa.trainer.train import compute_loss
+    meta, tensors = ref
+    model = _official_model(ref, "a")
+    x, ctx, z = tensors["a.x"].float(), tensors["a.context"].float(), tensors["loss.z"]
+    torch.manual_seed(meta["loss"]["seed"])  # the official draw order: t (CPU rand), then the noise
+    draws = {"t": torch.rand(2, 1, 1, 1), "noise": torch.randn_like(x), "posterior": torch.zeros_like(x)}
+    batch = {"moments": torch.cat([x, torch.zeros_like(x)], 1), "label": ctx, "feat.0": z}
+    with torch.no_grad():
+        loss, parts = compute_loss(ContextAsLabels(model), REPALoss(), batch, scale=1.0, bias=0.0, feats=["feat.0"],
+                                   proj_coeff=0.5, draws=draws)
+    official = sum(meta["loss"]["denoising"]) / 2 + 0.5 * meta["loss"]["proj"]
+    assert loss.item() == pytest.approx(official, abs=1e-5)
+    assert parts[1].item() == pytest.approx(meta["loss"]["proj"], abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def t2i_shards(tmp_path_factory):
+    return write_t2i_shards(str(tmp_path_factory.mktemp("t2i") / "set"), n=32)
+
+
+def _cfg(url, out, name, **kw):
+    base = dict(model="MMDiT-d2/2", model_kwargs={"projector_dim": 32}, encoder_depth=1, cfg_prob=0.5)
+    return tiny_train_config(url, out, name, **{**base, **kw})
+
+
+def test_t2i_train_resume_is_bitwise_across_caption_draws(t2i_shards, tmp_path):
+    full = train(_cfg(t2i_shards, tmp_path, "full"))
+    half = train(_cfg(t2i_shards, tmp_path, "part", max_train_steps=2))
+    resumed = train(_cfg(t2i_shards, tmp_path, "part", resume="auto"))
+    assert half["step"] == 2 and full["step"] == resumed["step"] == 4
+    for name in ("model.safetensors", "ema.safetensors"):
+        a, b = load_file(os.path.join(full["checkpoint"], name)), load_file(os.path.join(resumed["checkpoint"], name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    losses = [r["loss"] for r in read_jsonl(os.path.join(tmp_path, "full", "metrics.jsonl"))]
+    assert losses == [r["loss"] for r in read_jsonl(os.path.join(tmp_path, "part", "metrics.jsonl"))]
+    ck = load_checkpoint(full["checkpoint"])
+    assert ck["config"]["model"]["name"] == "MMDiT-d2/2" and ck["config"]["model"]["kwargs"]["context_dim"] == 32
+    MMDiT(**ck["config"]["model"]["kwargs"]).load_state_dict(ck["ema"], strict=True)
+    # the captions reach the model: without CFG drops the same seed gives other losses
+    other = train(_cfg(t2i_shards, tmp_path, "nodrop", cfg_prob=0.0, max_train_steps=2))
+    assert [r["loss"] for r in read_jsonl(os.path.join(other["exp_dir"], "metrics.jsonl"))] != losses[:2]
+
+
+def test_t2i_preview_and_refusals(t2i_shards, tmp_path):
+    out = train(_cfg(t2i_shards, tmp_path, "prev", max_train_steps=2, sampling_steps=2, num_preview=4,
+                     preview_steps=2))
+    png = os.path.join(out["exp_dir"], "samples", "0000002.png")
+    assert os.path.getsize(png) > 0
+    from repa.trainer.guards import ConfigError
+    with pytest.raises(ConfigError, match="holds caption features"):
+        train(tiny_train_config(t2i_shards, tmp_path, "sit", encoder_depth=1))
+    with pytest.raises(ConfigError, match="--haste is not supported with MMDiT"):
+        train(_cfg(t2i_shards, tmp_path, "haste", haste=True))

@@ -470,15 +470,19 @@ def train(cfg: TrainConfig) -> dict:
         restore_optimizer(cfg, state, optimizer, accelerator)
         if haste is not None:
             haste.at(step)  # loads the teacher now if phase I is still ahead: fails fast, before step 1
-        fields = (lambda s: haste.fields(s, plan.feats)) if haste else (lambda s: ["moments", *plan.feats])
+        t2i_run = t2i.T2IInputs(plan, cfg) if t2i.is_t2i(plan.manifest) else None  # captions + CFG drop per step
+        extra = t2i_run.read_fields if t2i_run else []  # text.<k> + num_captions
+        fields = (lambda s: haste.fields(s, plan.feats)) if haste else (lambda s: ["moments", *plan.feats, *extra])
         data = RankData(cfg, plan.shards_url, rank, world, micro_batch, fields, device, step)
         restore_data(cfg, state, data, world, rank, step, log)
         saver = ckpt.Checkpointer(accelerator, plan.ckpt_root, raw_model, ema, optimizer,
                                   lambda: data.loader.state_dict(), _run_config(cfg, plan, claim),
                                   cfg.keep_last, claim["path"], step if claim["path"] else None)
         step_once = StepRunner(cfg, plan, accelerator, model, raw_model, ema, optimizer, data, haste, saver)
+        step_once.t2i = t2i_run
         out = RunLog(cfg, plan.exp_dir, accelerator, plan.log_with, "REPA" if haste is None else "HASTE", log,
-                     step, lambda: Preview(cfg, plan.model_kwargs, plan.manifest.provenance, device), stack)
+                     step, lambda: (t2i_run.preview if t2i_run else Preview)(cfg, plan.model_kwargs,
+                                                                              plan.manifest.provenance, device), stack)
         stop = preempt.StopFlag(cfg.requeue_signal).install()
         stack.callback(stop.restore)
 
@@ -512,6 +516,7 @@ class StepRunner:
         self.loss_fn = REPALoss(prediction=cfg.prediction, path_type=cfg.path_type, weighting=cfg.weighting)
         self.scale, self.bias = _latent_affine(plan.manifest.provenance, plan.model_kwargs, accelerator.device)
         self.t_last = time.perf_counter()
+        self.t2i = None  # text-to-image runs: trainer/mmdit.T2IInputs
 
     def __call__(self, step: int, stop) -> tuple[dict, bool]:
         cfg, acc, accum, world = self.cfg, self.accelerator, self.cfg.gradient_accumulation_steps, self.accelerator.num_processes
@@ -523,9 +528,12 @@ class StepRunner:
         batches = []  # kept only to name the cause if the loss is not finite
         for micro in range(accum):
             batch = self.data.next()
+            if self.t2i is not None:  # the drawn caption (or the empty one, CFG) takes the label's place
+                batch["label"] = self.t2i.context(batch)
             batches.append(batch)
             with nullcontext() if micro == accum - 1 else acc.no_sync(self.model):  # DDP all-reduce once per step
-                loss, parts = compute_loss(self.model, self.loss_fn, batch, scale=self.scale, bias=self.bias,
+                model = self.t2i.wrap(self.model) if self.t2i is not None else self.model
+                loss, parts = compute_loss(model, self.loss_fn, batch, scale=self.scale, bias=self.bias,
                                            feats=self.plan.feats if align else [],
                                            proj_coeff=cfg.proj_coeff if align else 0.0, haste=phase1)
                 acc.backward(loss / accum)
