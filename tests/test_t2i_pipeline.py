@@ -77,3 +77,49 @@ def test_coco_source_and_refusals(tmp_path, clip):
         run(_opts("digits", tmp_path / "digits", clip), echo=lambda m: None)
     with pytest.raises(Exception, match=r"captions_val2014.json not found"):
         run(_opts(f"coco:{root}", tmp_path / "val", clip, split="val2014"), echo=lambda m: None)
+
+
+def _hf_parquet(folder, captions) -> str:
+    import datasets
+    from test_t2i_preprocess import shape_image
+    images = [shape_image(c, s) for c, s in [("red", "circle"), ("blue", "square"), ("green", "circle")]]
+    os.makedirs(os.path.join(folder, "data"))
+    datasets.Dataset.from_dict({"image": images[: len(captions)], "text": captions}).to_parquet(
+        os.path.join(folder, "data", "train-00000.parquet"))
+    return folder
+
+
+@pytest.mark.slow
+def test_repa_preprocess_cli_hf_captions_and_errors(tmp_path, clip):
+    """A real process exits 0 with the records; a missing annotation file is refused naming it and the fix."""
+    import subprocess
+    import sys
+    src = _hf_parquet(str(tmp_path / "hf"), [["a red circle", "red circle"], ["a blue square"], ["a green circle"]])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hfhome")}
+    cmd = [sys.executable, "-m", "repa.preprocess", f"hf:{src}", "--caption-column", "text", "--text-encoder", clip,
+           "--vae", "none", "--enc-type", "none", "--res", "16", "--num-workers", "0", "--no-progress",
+           "--out", str(tmp_path / "out")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    m = read_manifest(str(tmp_path / "out"))
+    assert m.num_records == 3 and m.provenance["text"]["captions_total"] == 4
+    assert m.provenance["source"] == f"hf:{src}"
+    os.makedirs(tmp_path / "coco" / "train2014")
+    import click
+    from repa.preprocess.cli import main
+    with pytest.raises(click.ClickException) as e:
+        main.main([f"coco:{tmp_path / 'coco'}", "--text-encoder", clip, "--vae", "none", "--enc-type", "none",
+                   "--res", "16", "--out", str(tmp_path / "o2")], standalone_mode=False)
+    msg = e.value.format_message()
+    assert "annotations/captions_train.json not found" in msg and "annotations_trainval2014.zip" in msg
+    assert not os.path.exists(tmp_path / "o2" / "manifest.json")
+
+
+def test_hf_caption_column_errors(tmp_path):
+    from repa.preprocess.captions import HFCaptionSource
+    from repa.preprocess.sources import SourceError
+    src = _hf_parquet(str(tmp_path / "hf"), [["a red circle"], []])
+    with pytest.raises(SourceError, match=r"gives image 'hf:.*#1' no caption strings"):
+        HFCaptionSource(src, f"hf:{src}", "text")
+    with pytest.raises(SourceError, match=r"column 'caption' not found .*pass --caption-column"):
+        HFCaptionSource(src, f"hf:{src}", "caption")
