@@ -38,7 +38,8 @@ def _json_dict(ctx, param, value):
 @click.option("--storage-options", callback=_json_dict, default=None, help="fsspec options as JSON (object stores).")
 @click.option("--output-dir", default=D.output_dir)
 @click.option("--exp-name", required=True)
-@click.option("--model", default=D.model, help="SiT-{S,B,L,XL}/{1,2,4,8}.")
+@click.option("--model", default=D.model, help="SiT-{S,B,L,XL}/{1,2,4,8}; captioned (text.*) shards: "
+              "MMDiT-{S,B,L,XL}/2 (MMDiT-B/2 = the official t2i recipe, docs/t2i.md).")
 @click.option("--model-kwargs", callback=_json_dict, default=None,
               help="JSON overrides of SiT(...) kwargs, e.g. '{\"depth\": 2, \"hidden_size\": 64, \"num_heads\": 2}'.")
 @click.option("--encoder-depth", type=int, default=D.encoder_depth, help="1-indexed block whose output is projected.")
