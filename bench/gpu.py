@@ -30,6 +30,9 @@ from dataclasses import dataclass, field
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The parent must never initialise CUDA (its sections are child processes): the NVML-based availability check
+# answers torch.cuda.is_available() without creating a CUDA context.
+os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 
 import torch  # noqa: E402
 
@@ -76,8 +79,8 @@ def full_shapes() -> Shapes:
     return Shapes(quick=False, res=256, batch=32, warmup=3, steps=10,
                   xl2=("SiT-XL/2", {}, 8), b2=("SiT-B/2", {}, 4),
                   teacher=("vit_base_patch14_dinov2", {"img_size": 224}), vae=dict(SD_VAE),
-                  budgets={"correctness": 45, "train_xl2": 50, "train_b2": 30, "haste": 25, "sampling": 55,
-                           "preprocess": 40, "compile": 55})
+                  budgets={"correctness": 40, "train_xl2": 45, "train_b2": 25, "haste": 25, "sampling": 45,
+                           "preprocess": 35, "compile": 80})
 
 
 def quick_shapes() -> Shapes:
@@ -230,8 +233,8 @@ class Trainee:
 
 
 def make_step(ctx: Ctx, tr: Trainee, precision: str, *, feats=("feat.0",), proj_coeff=0.5, haste=None):
-    """One optimizer step of repa-train's loop (compute_loss, backward, clip 1.0, AdamW, EMA, the per-step
-    host sync of the logged losses and grad norm). fp16 uses a GradScaler, as accelerate does for the recipe;
+    """One optimizer step of repa-train's StepRunner (compute_loss, backward, clip 1.0, AdamW, EMA, the one
+    per-step host sync of the logged losses and grad norm). fp16 uses a GradScaler, as accelerate does for the recipe;
     accelerate's autocast-wrapped forward is written here as an explicit torch.autocast of the same dtype."""
     from repa.trainer.ema import update_ema
     from repa.trainer.train import compute_loss
@@ -256,7 +259,7 @@ def make_step(ctx: Ctx, tr: Trainee, precision: str, *, feats=("feat.0",), proj_
             opt.step()
         opt.zero_grad(set_to_none=True)
         update_ema(tr.ema, getattr(model, "_orig_mod", model))
-        parts.tolist(), float(gn)  # the loop logs both every step: one host sync, as in repa-train
+        torch.cat([parts, gn.reshape(1).float()]).tolist()  # repa-train's one host sync per step (losses, norm)
     return step
 
 
@@ -348,7 +351,7 @@ def make_reference_step(ctx: Ctx, tr: Trainee, teacher, vae, loader):
         scaler.update()
         opt.zero_grad(set_to_none=True)
         update_ema(tr.ema, model)
-        parts.tolist(), float(gn)
+        parts.tolist(), float(gn)  # the reference logs loss.item() and grad_norm.item(): two host syncs
     return step
 
 
@@ -407,14 +410,14 @@ def teacher_shape(ctx: Ctx) -> tuple[int, int]:
 def section_haste(ctx: Ctx) -> None:
     """HASTE phase I (cached residual + the teacher's last blocks online + attention loss) and the step after
     the early stop (denoising only), against the REPA step; SiT-XL/2, bf16, same batches."""
-    from repa.trainer.haste import default_haste_config
-    from repa.trainer.train import HasteOnline
+    from repa.trainer.haste import HasteOnline, default_haste_config
     teacher = build_teacher(ctx)
     tr = Trainee(ctx, ctx.s.xl2, teacher.embed_dim)
     c = tr.cfg
     cfg = default_haste_config(c["encoder_depth"], c["num_heads"], teacher.depth, teacher.num_heads)
     cfg.validate(c["depth"], c["num_heads"], c["encoder_depth"], teacher.depth, teacher.num_heads)
-    haste = HasteOnline(cfg, teacher, "haste.0", 0, cfg.first_teacher_block, autocast=lambda: ctx.autocast("bf16"))
+    haste = HasteOnline(config=cfg, field="haste.0", teacher_index=0, start_block=cfg.first_teacher_block,
+                        load_teacher=lambda: teacher, autocast=lambda: ctx.autocast("bf16"), teacher=teacher)
     residual = (teacher.num_prefix_tokens + teacher.num_tokens, teacher.embed_dim)
     pool = cached_batches(ctx, 4, teacher.embed_dim, teacher.num_tokens, extra={"haste.0": residual})
     only = lambda drop: [{k: v for k, v in b.items() if k not in drop} for b in pool]  # noqa: E731
@@ -672,7 +675,8 @@ def check_train_run(ctx: Ctx) -> None:
         res = train(TrainConfig(shards=shards, output_dir=tmp, exp_name="check", model=name,
                                 model_kwargs=dict(overrides, projector_dim=64), encoder_depth=enc, batch_size=16,
                                 max_train_steps=20, checkpointing_steps=20, learning_rate=1e-3,
-                                mixed_precision="bf16" if ctx.cuda else "no", num_workers=0, sampling_steps=0))
+                                mixed_precision="bf16" if ctx.cuda else "no", num_workers=0, sampling_steps=0,
+                                progress=False))
         losses = [r["loss"] for r in read_jsonl(os.path.join(tmp, "check", "metrics.jsonl"))]
         first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
         ctx.emit(check_train_losses=[round(v, 4) for v in losses])
@@ -734,6 +738,8 @@ def child_main(name: str, shapes: Shapes, device: str, deadline: float, conn, ar
         torch.cuda.set_device(dev)
         torch.backends.cuda.matmul.allow_tf32 = True  # the README recipe's --allow-tf32
         torch.backends.cudnn.allow_tf32 = True
+        conn.send(("result", {"device_name": torch.cuda.get_device_name(dev), "torch": torch.__version__,
+                              "cuda": torch.version.cuda}))
     else:
         torch.set_num_threads(args.threads)
     ctx = Ctx(shapes, dev, deadline, conn, args, name)
@@ -749,7 +755,7 @@ def child_main(name: str, shapes: Shapes, device: str, deadline: float, conn, ar
 def run_section(name: str, shapes: Shapes, device: str, budget: float, args) -> dict:
     """Fork the section, collect what it sends until it finishes or its budget runs out (then kill it)."""
     import multiprocessing as mp
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context(args.start_method)
     recv, send = ctx.Pipe(duplex=False)
     t0 = time.monotonic()
     proc = ctx.Process(target=child_main, args=(name, shapes, device, t0 + budget, send, args), daemon=False)
@@ -841,6 +847,9 @@ def main(argv=None) -> int:
     ap.add_argument("--section-budget", default="", help="per-section seconds, e.g. compile=90,sampling=40")
     ap.add_argument("--tol-scale", type=float, default=1.0, help="multiply every numeric tolerance (0: any "
                                                                  "difference fails)")
+    ap.add_argument("--start-method", choices=["fork", "spawn"], default=None,
+                    help="how sections start: spawn on CUDA (a fresh interpreter, no CUDA state inherited), fork "
+                         "on CPU (the imports are shared, faster)")
     ap.add_argument("--hang", default=None, help=argparse.SUPPRESS)  # tests: this section hangs
     args = ap.parse_args(argv)
     t_start = time.monotonic()
@@ -851,7 +860,7 @@ def main(argv=None) -> int:
         print("bench/gpu.py: no CUDA device here; run it on a GPU machine, or pass --quick for the CPU "
               "smoke run", file=sys.stderr)
         return 2
-    device_name = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)"
+    args.start_method = args.start_method or ("spawn" if device.startswith("cuda") else "fork")
     budget = args.budget or (240.0 if args.quick else 300.0)
     names = args.only.split(",") if args.only else list(SECTIONS)
     for item in filter(None, args.section_budget.split(",")):
@@ -862,8 +871,9 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in SECTIONS]
     if unknown:
         ap.error(f"--only: unknown sections {unknown}; choose from {list(SECTIONS)}")
-    import diffusers, timm  # noqa: F401,E401 - imported once here, shared by every forked section
-    import repa.preprocess.pipeline, repa.sampler, repa.trainer.train  # noqa: F401,E401
+    if args.start_method == "fork":  # imported once here, shared by every forked section
+        import diffusers, timm  # noqa: F401,E401
+        import repa.preprocess.pipeline, repa.sampler, repa.trainer.train  # noqa: F401,E401
     results, checks, sections = {}, {}, {}
     for name in names:
         left = budget - (time.monotonic() - t_start) - 3
@@ -879,6 +889,7 @@ def main(argv=None) -> int:
               flush=True)
         for k, v in rec["errors"].items():
             print(f"    {k}: {v}", flush=True)
+    device_name = results.get("device_name") or (f"cpu ({os.cpu_count()} cores)" if device == "cpu" else device)
     out = summarize(results, checks, sections, shapes, device_name)
     out["wall_s"] = round(time.monotonic() - t_start, 1)
     print_table(out)

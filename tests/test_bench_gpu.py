@@ -65,12 +65,14 @@ def test_quick_runs_every_section_and_every_check_passes():
 @pytest.mark.slow
 def test_a_hung_section_is_killed_at_its_budget_and_nothing_else_is_lost():
     t = time.monotonic()
-    rc, out, log = run_quick("--only", "haste,correctness", "--hang", "haste", "--section-budget", "haste=6")
-    assert time.monotonic() - t < 120
+    # spawn: the start method the GPU run uses (fresh interpreters), so that path runs here too
+    rc, out, log = run_quick("--only", "haste,correctness", "--hang", "haste", "--section-budget", "haste=20",
+                             "--start-method", "spawn")
+    assert time.monotonic() - t < 180
     assert rc == 0, log[-3000:]  # the correctness checks ran and passed after the hung section
     assert out["sections"]["haste"]["status"] == "timeout"
-    assert "killed at its 6 s budget" in out["sections"]["haste"]["error"]
-    assert out["sections"]["haste"]["seconds"] < 20
+    assert "killed at its 20 s budget" in out["sections"]["haste"]["error"]
+    assert out["sections"]["haste"]["seconds"] < 35
     assert out["raw"]["haste_student_blocks"] == [0, 1]  # what the section sent before it hung survives
     assert out["haste_phase1_vs_repa"] is None and out["xl2_img_s"] is None  # not measured: null, not made up
     assert out["sections"]["correctness"]["status"] == "ok" and out["correctness_passed"] is True
