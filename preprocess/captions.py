@@ -280,6 +280,9 @@ def _open_captioned(opts) -> CaptionedSource:
         return COCOSource(path, spec, opts.split)
     if kind == "captions":
         return CaptionsFolderSource(path, spec)
+    if getattr(opts, "streaming", None):
+        raise SourceError(f"{spec} --caption-column: captioned Hugging Face sources are read map-style (the text "
+                          "stage looks captions up by record key); drop --streaming")
     return HFCaptionSource(path, spec, opts.caption_column, split=opts.split, image_column=opts.image_column)
 
 
@@ -356,11 +359,13 @@ class TextStage:
         arrays["num_captions"] = torch.tensor([len(cs) for cs in caps], dtype=torch.int64)
         return arrays
 
-    def finalize(self, out: str, storage_options=None) -> dict:
-        """Write captions.json and empty_context.safetensors next to the shards; returns provenance["text"]."""
+    def finalize(self, out: str, storage_options=None, num_records: int | None = None) -> dict:
+        """Write captions.json (keys 0..num_records-1: --limit keeps the first N) and empty_context.safetensors
+        next to the shards; returns provenance["text"]."""
         from safetensors.torch import save
         from repa.shards import storage
-        every = {str(i): self.source.captions(i) for i in range(len(self.source))}
+        n = len(self.source) if num_records is None else min(int(num_records), len(self.source))
+        every = {str(i): self.source.captions(i) for i in range(n)}
         storage.write_bytes(storage.join(out, CAPTIONS_FILE),
                             json.dumps({"max_captions": self.k, "captions": every}).encode(), storage_options)
         blob = save({"empty_context": self.empty.contiguous()}, metadata={"text_encoder": self.encoder_spec})

@@ -234,7 +234,7 @@ def _finalize(opts, source, n, out, plan, models, fields) -> dict:
         "order": {"shuffled": bool(source.indexable), "seed": opts.seed, "records_per_shard": opts.shard_size},
     }
     if getattr(models, "text", None) is not None:  # writes captions.json + empty_context before the manifest
-        provenance["text"] = models.text.finalize(out, so)
+        provenance["text"] = models.text.finalize(out, so, n)
     # with skipped images the key set has holes: _check_complete did the accounting per shard
     manifest = finalize_manifest(out, fields, provenance, expected_records=None if skipped else n,
                                  storage_options=so)

@@ -73,6 +73,9 @@ def test_coco_source_and_refusals(tmp_path, clip):
     m = read_manifest(str(out))
     assert [f for f in m.fields if f.startswith("text.")] == [f"text.{i}" for i in range(5)]  # COCO default: 5
     assert m.provenance["num_classes"] == 1 and m.provenance["text"]["captions_total"] == 9
+    run(_opts(f"coco:{root}", tmp_path / "lim", clip, limit=2), echo=lambda m: None)
+    side = json.loads((tmp_path / "lim" / "captions.json").read_text())["captions"]
+    assert sorted(side) == ["0", "1"]  # --limit 2: the sidecar holds the records' captions only
     with pytest.raises(Exception, match="need a captioned source"):
         run(_opts("digits", tmp_path / "digits", clip), echo=lambda m: None)
     with pytest.raises(Exception, match=r"captions_val2014.json not found"):
