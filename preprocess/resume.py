@@ -45,10 +45,11 @@ def read_json(url: str, storage_options: dict | None) -> Any | None:
         raise PreprocessError(f"{url} is not valid JSON ({e}); delete it, or choose another --out") from e
 
 
-def write_json(url: str, obj: Any, storage_options: dict | None) -> None:
-    """Atomic (temp file + rename locally, one PUT on object stores)."""
+def write_json(url: str, obj: Any, storage_options: dict | None, compact: bool = False) -> None:
+    """Atomic (temp file + rename locally, one PUT on object stores). `compact`: one line (big listings)."""
     from repa.shards import storage
-    storage.write_bytes(url, json.dumps(obj, indent=1, sort_keys=True).encode(), storage_options)
+    text = json.dumps(obj, separators=(",", ":")) if compact else json.dumps(obj, indent=1, sort_keys=True)
+    storage.write_bytes(url, text.encode(), storage_options)
 
 
 def join(url: str, *parts: str) -> str:
@@ -170,7 +171,7 @@ def write_settings(out: str, record: dict, listing: list | None, storage_options
     if read_json(join(out, SETTINGS_FILE), storage_options) == record:
         return
     if listing is not None:
-        write_json(join(out, SOURCE_FILE), {"listing": listing}, storage_options)
+        write_json(join(out, SOURCE_FILE), {"listing": listing}, storage_options, compact=True)
     write_json(join(out, SETTINGS_FILE), record, storage_options)
 
 
