@@ -376,8 +376,8 @@ def section_train(ctx: Ctx, which: str) -> None:
     ctx.emit(**{f"{which}_params": tr.params, f"{which}_batch": ctx.s.batch})
     batches = cached_batches(ctx, 4, teacher.embed_dim, teacher.num_tokens)
     for prec in ("bf16", "fp16"):
-        ctx.attempt(f"{which}_ours_{prec}", lambda: run_ours(ctx, tr, prec, batches, f"{which}_ours_{prec}"))
-    del batches
+        ctx.attempt(f"{which}_ours_{prec}", lambda p=prec: run_ours(ctx, tr, p, batches, f"{which}_ours_{p}"))
+    batches.clear()  # free the pinned pool before the reference step's loader starts
     with tempfile.TemporaryDirectory(prefix="repa-gpu-ref-") as root:
         write_reference_files(ctx, root)
         vae = build_vae(ctx)
@@ -428,61 +428,72 @@ def section_haste(ctx: Ctx) -> None:
                                                      "haste_after_stop", feats=(), proj_coeff=0.0))
 
 
+class SamplerBench:
+    """The two ways of generating a batch with the same model and sampler, and their timing."""
+
+    def __init__(self, ctx: Ctx):
+        from repa.sampler.generate import LatentDecoder
+        self.ctx, self.L, self.S = ctx, ctx.s.latent, ctx.s.sample_steps
+        self.model, _ = build_sit(ctx, ctx.s.xl2, z_dim=teacher_shape(ctx)[0], fused_attn=False)
+        self.model.eval().requires_grad_(False)
+        self.heads = self.model.projectors
+        self.decoder = LatentDecoder(build_vae(ctx), [0.18215] * 4, [0.0] * 4, ctx.device)
+
+    def ours(self, B: int, steps: int):
+        """repa-sample: per-index noise and SDE generators (batch-independent samples), projector heads dropped."""
+        from repa.sampler import euler_maruyama_sampler
+        from repa.sampler.generate import STREAM_SDE, initial_noise, make_labels, sample_generator
+        self.model.projectors = torch.nn.ModuleList()
+        idx = list(range(B))
+        z = initial_noise(idx, 0, (4, self.L, self.L)).to(self.ctx.device)
+        y = torch.from_numpy(make_labels(B, 0, 1000)).to(self.ctx.device)
+        gens = [sample_generator(0, i, STREAM_SDE) for i in idx]
+        return euler_maruyama_sampler(self.model, z, y, num_steps=steps, noise_generators=gens, **SDE)
+
+    def reference(self, B: int, steps: int):
+        """generate.py: z and y from the global CUDA RNG, the full model, the SDE noise from randn_like."""
+        from repa.sampler import euler_maruyama_sampler
+        self.model.projectors = self.heads
+        z = torch.randn(B, 4, self.L, self.L, device=self.ctx.device)
+        y = torch.randint(0, 1000, (B,), device=self.ctx.device)
+        return euler_maruyama_sampler(self.model, z, y, num_steps=steps, **SDE)
+
+    def timed(self, fn, B: int) -> tuple[float, float, float]:
+        """(images/s of a 250-step run incl. one decode, seconds of the S timed steps, decode seconds)."""
+        fn(B, 2)  # warm-up: kernels, cuBLAS workspaces, allocator
+        self.ctx.sync()
+        t = time.perf_counter()
+        x = fn(B, self.S)
+        self.ctx.sync()
+        t_s = time.perf_counter() - t
+        t = time.perf_counter()
+        self.decoder(x.float())  # returns host uint8: the device work is done when it returns
+        t_d = time.perf_counter() - t
+        return B / (t_s * NOMINAL_SDE_STEPS / self.S + t_d), t_s, t_d
+
+
 def section_sampling(ctx: Ctx) -> None:
-    """250-step SDE, CFG 1.8 on t <= 0.7 (the paper's FID sampler), SiT-XL/2: repa-sample's way (per-sample
-    noise generators, projector heads dropped, TF32 on) vs generate.py's loop (global CUDA RNG, the full
-    model). ``sample_steps`` steps are timed and scaled to 250 (cost per step is uniform; the CFG fraction
-    is a fraction of the time grid, so it is the same); one VAE decode per batch is added to both."""
-    from repa.sampler import euler_maruyama_sampler
-    from repa.sampler.generate import STREAM_SDE, LatentDecoder, initial_noise, make_labels, sample_generator
+    """250-step SDE, CFG 1.8 on t <= 0.7 (the paper's FID sampler), SiT-XL/2: repa-sample's way vs generate.py's
+    loop, explicit-softmax attention and TF32 on both sides (their defaults). ``sample_steps`` steps are timed
+    and scaled to 250 (every step costs the same; the CFG fraction is a fraction of the time grid, so it is the
+    same); one VAE decode per batch is added to both."""
     if ctx.cuda:
         torch.backends.cuda.matmul.allow_tf32 = True  # generate.py's --tf32 default and repa-sample's
         torch.backends.cudnn.allow_tf32 = True
-    dim, _ = teacher_shape(ctx)
-    model, cfg = build_sit(ctx, ctx.s.xl2, z_dim=dim, fused_attn=False)
-    model.eval().requires_grad_(False)
-    heads = model.projectors
-    decoder = LatentDecoder(build_vae(ctx), [0.18215] * 4, [0.0] * 4, ctx.device)
-    L, S = ctx.s.latent, ctx.s.sample_steps
-    ctx.emit(sample_steps_measured=S, sample_steps_nominal=NOMINAL_SDE_STEPS)
-
-    def ours(B, steps):
-        model.projectors = torch.nn.ModuleList()
-        idx = list(range(B))
-        z = initial_noise(idx, 0, (4, L, L)).to(ctx.device)
-        y = torch.from_numpy(make_labels(B, 0, 1000)).to(ctx.device)
-        gens = [sample_generator(0, i, STREAM_SDE) for i in idx]
-        return euler_maruyama_sampler(model, z, y, num_steps=steps, noise_generators=gens, **SDE)
-
-    def reference(B, steps):
-        model.projectors = heads
-        z = torch.randn(B, 4, L, L, device=ctx.device)
-        y = torch.randint(0, 1000, (B,), device=ctx.device)
-        return euler_maruyama_sampler(model, z, y, num_steps=steps, **SDE)
-
-    def timed(fn, B):
-        ctx.sync()
-        t = time.perf_counter()
-        x = fn(B, S)
-        ctx.sync()
-        t_s = time.perf_counter() - t
-        t = time.perf_counter()
-        decoder(x.float())
-        t_d = time.perf_counter() - t
-        return B / (t_s * NOMINAL_SDE_STEPS / S + t_d), t_s, t_d
-
+    sb = SamplerBench(ctx)
+    ctx.emit(sample_steps_measured=sb.S, sample_steps_nominal=NOMINAL_SDE_STEPS)
     for B in ctx.s.sample_batches:
-        for name, fn in (("reference", reference), ("ours", ours)):
-            fn(B, 2)  # warm-up: kernels, cuBLAS workspaces, allocator
-            img_s, t_s, t_d = timed(fn, B)
+        spent = 0.0
+        for name, fn in (("reference", sb.reference), ("ours", sb.ours)):
+            img_s, t_s, t_d = sb.timed(fn, B)
+            spent += t_s * (1 + 2 / sb.S) + t_d
             ctx.emit(**{f"sample_b{B}_{name}_img_s": img_s, f"sample_b{B}_{name}_sampler_s": t_s,
                         f"sample_b{B}_decode_s": t_d})
         if B == ctx.s.sample_batches[0]:
-            model.set_fused_attn(True)
-            ours(B, 2)
-            ctx.attempt("sample_fused", lambda: ctx.emit(sample_fused_attn_img_s=timed(ours, B)[0]))
-            model.set_fused_attn(False)
-        if ctx.left() < 2.5 * (t_s * 2 + 2 * t_d) * (ctx.s.sample_batches[-1] / B):
+            sb.model.set_fused_attn(True)
+            ctx.attempt("sample_fused", lambda: ctx.emit(sample_fused_attn_img_s=sb.timed(sb.ours, B)[0]))
+            sb.model.set_fused_attn(False)
+        if B != ctx.s.sample_batches[-1] and ctx.left() < 1.5 * spent * ctx.s.sample_batches[-1] / B:
             ctx.emit(sample_skipped=f"batches after {B}: not enough time left in the section budget")
             break
 
@@ -499,7 +510,7 @@ def section_preprocess(ctx: Ctx) -> None:
         base = dict(source=f"imagefolder:{img_dir}", res=ctx.s.res, vae=vae_dir, enc_type=enc,
                     batch_size=ctx.s.pre_batch, num_workers=ctx.s.pre_workers, progress=False, shard_size=256,
                     device=str(ctx.device))
-        models = Models(dataclasses_replace_resolved(Options(**base), ctx.device), ctx.device)
+        models = Models(resolved(Options(**base), ctx.device), ctx.device)
         g = torch.Generator().manual_seed(0)
         crops = [ctx.pin(torch.randint(0, 256, (ctx.s.pre_batch, 3, ctx.s.res, ctx.s.res), dtype=torch.uint8,
                                        generator=g)) for _ in range(2)]
@@ -516,7 +527,8 @@ def section_preprocess(ctx: Ctx) -> None:
                  pre_workers=ctx.s.pre_workers)
 
 
-def dataclasses_replace_resolved(opts, device):
+def resolved(opts, device):
+    """The options as repa-preprocess resolves them for this device (precision auto -> fp16 on CUDA)."""
     from repa.preprocess.pipeline import _resolve
     return _resolve(opts, device)
 
@@ -560,9 +572,9 @@ TOL = {  # stated tolerances; the observed values are reported next to them
 }
 
 
-EXPECTED_CHECKS = ("loss_fp32_device_vs_cpu_rel", "loss_bf16_vs_fp32_rel", "proj_bf16_vs_fp32_abs", "loss_fp16_vs_fp32_rel",
-                   "proj_fp16_vs_fp32_abs", "sampler_device_vs_cpu_abs", "train_20_steps_loss_decreases",
-                   "checkpoint_round_trip_bitwise")
+EXPECTED_CHECKS = ("loss_fp32_device_vs_cpu_rel", "loss_bf16_vs_fp32_rel", "proj_bf16_vs_fp32_abs",
+                   "loss_fp16_vs_fp32_rel", "proj_fp16_vs_fp32_abs", "sampler_device_vs_cpu_abs",
+                   "train_20_steps_loss_decreases", "checkpoint_round_trip_bitwise")
 
 
 def check(ctx: Ctx, name: str, value: float, tol: float) -> None:
@@ -583,7 +595,8 @@ def section_correctness(ctx: Ctx) -> None:
 def fixed_inputs(ctx: Ctx, z_dim: int, tokens: int, B: int = 8) -> dict:
     g = torch.Generator().manual_seed(1)
     L = ctx.s.latent
-    return {"batch": {"moments": torch.cat([torch.randn(B, 4, L, L, generator=g), 0.1 * torch.rand(B, 4, L, L, generator=g)], 1),
+    moments = torch.cat([torch.randn(B, 4, L, L, generator=g), 0.1 * torch.rand(B, 4, L, L, generator=g)], 1)
+    return {"batch": {"moments": moments,
                       "label": torch.randint(1000, (B,), generator=g),
                       "feat.0": torch.randn(B, tokens, z_dim, generator=g)},
             "draws": {"posterior": torch.randn(B, 4, L, L, generator=g), "t": torch.rand(B, generator=g),
@@ -614,9 +627,10 @@ def check_losses(ctx: Ctx) -> None:
     ref = loss_parts(ctx, cpu_model, inputs, torch.device("cpu"), "fp32")
     got = {p: loss_parts(ctx, dev_model, inputs, ctx.device, p) for p in ("fp32", "bf16", "fp16")}
     ctx.emit(check_losses_fp32_cpu=ref[:2], **{f"check_losses_{p}": v[:2] for p, v in got.items()})
-    check(ctx, "loss_fp32_device_vs_cpu_rel", abs(got["fp32"][0] - ref[0]) / abs(ref[0]), TOL["loss_fp32_device_vs_cpu_rel"])
+    rel = lambda a, b: abs(a - b) / abs(b)  # noqa: E731
+    check(ctx, "loss_fp32_device_vs_cpu_rel", rel(got["fp32"][0], ref[0]), TOL["loss_fp32_device_vs_cpu_rel"])
     for p in ("bf16", "fp16"):
-        check(ctx, f"loss_{p}_vs_fp32_rel", abs(got[p][0] - got["fp32"][0]) / abs(got["fp32"][0]), TOL[f"loss_{p}_vs_fp32_rel"])
+        check(ctx, f"loss_{p}_vs_fp32_rel", rel(got[p][0], got["fp32"][0]), TOL[f"loss_{p}_vs_fp32_rel"])
         check(ctx, f"proj_{p}_vs_fp32_abs", abs(got[p][1] - got["fp32"][1]), TOL[f"proj_{p}_vs_fp32_abs"])
 
 
@@ -821,7 +835,8 @@ def summarize(r: dict, checks: dict, sections: dict, shapes: Shapes, device_name
     for B in shapes.sample_batches:
         out[f"sample_img_s_b{B}"] = g(f"sample_b{B}_ours_img_s")
         out[f"sample_vs_reference_b{B}"] = ratio(g(f"sample_b{B}_ours_img_s"), g(f"sample_b{B}_reference_img_s"))
-    out["sample_fused_attn_speedup"] = ratio(g("sample_fused_attn_img_s"), g(f"sample_b{shapes.sample_batches[0]}_ours_img_s"))
+    first = shapes.sample_batches[0]
+    out["sample_fused_attn_speedup"] = ratio(g("sample_fused_attn_img_s"), g(f"sample_b{first}_ours_img_s"))
     corr = sections.get("correctness", {})
     out["correctness_passed"] = bool(corr.get("status") == "ok" and not corr.get("errors")
                                      and all(n in checks for n in EXPECTED_CHECKS)
@@ -842,7 +857,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default=None, help="comma-separated sections: " + ",".join(SECTIONS))
     ap.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; "
                                                             "--quick: eager, to stay within its time)")
-    ap.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (--quick; 1 is fastest for tiny models on a busy machine)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="CPU intra-op threads (--quick; 1 is fastest for tiny models on a busy machine)")
     ap.add_argument("--json-out", default=None, help="also write the JSON there")
     ap.add_argument("--section-budget", default="", help="per-section seconds, e.g. compile=90,sampling=40")
     ap.add_argument("--tol-scale", type=float, default=1.0, help="multiply every numeric tolerance (0: any "
