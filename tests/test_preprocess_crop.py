@@ -112,3 +112,45 @@ def test_exif_transpose(tmp_path):
     assert out.shape == (20, 10, 3)
     assert out[0, -1, 0] == 255  # the top-left pixel ends up top-right
     assert np.asarray(load_rgb(path, exif_transpose=False)).shape == (10, 20, 3)
+
+
+@pytest.mark.parametrize("w,h,S", [(1000, 600, 256), (70, 64, 48), (2100, 4400, 256), (1, 1, 16), (300, 17, 32),
+                                   (1, 2000, 64), (513, 1025, 256)])
+def test_adm_resize_size_is_the_crops_resize(w, h, S, monkeypatch):
+    """The size limit is checked on arithmetic, before any pixels: it must be the size the crop really makes."""
+    from repa.preprocess.crop import adm_resize_size
+    calls = []
+    orig = Image.Image.resize
+
+    def spy(self, size, resample=None, *a, **k):
+        calls.append(tuple(size))
+        return orig(self, size, resample, *a, **k)
+
+    monkeypatch.setattr(Image.Image, "resize", spy)
+    adm_center_crop(Image.new("RGB", (w, h)), S)
+    assert calls[-1] == adm_resize_size((w, h), S)
+
+
+def test_size_limits(monkeypatch):
+    from repa.preprocess.crop import ImageLimits, ImageTooLargeError, check_image_size
+    lim = ImageLimits(max_side=100, max_pixels=5000, max_resized_pixels=64 * 3200)
+    check_image_size((100, 50), lim)                           # at the limits: admitted
+    check_image_size((1, 50), lim, res=64)                     # resized to 64 x 3200: at the limit, admitted
+    with pytest.raises(ImageTooLargeError, match=r"x\.png: image of 101 x 2 px \(side 101\) is over the limit "
+                                                 r"REPA_MAX_IMAGE_SIDE=100 .* REPA_MAX_IMAGE_SIDE=200 "):
+        check_image_size((101, 2), lim, name="x.png")
+    with pytest.raises(ImageTooLargeError, match=r"image of 100 x 51 px \(5100 px\) .* REPA_MAX_IMAGE_PIXELS=5000"):
+        check_image_size((100, 51), lim)
+    with pytest.raises(ImageTooLargeError, match=r"resizes to 64 x 3200 px \(204800 px\), is over the limit "
+                                                 r"REPA_MAX_RESIZED_PIXELS=12800"):
+        check_image_size((1, 50), ImageLimits(max_resized_pixels=12800), res=64)
+    # the crop itself refuses before resizing (image given as pixels: no header to check)
+    with pytest.raises(ImageTooLargeError, match="REPA_MAX_RESIZED_PIXELS=12800"):
+        adm_center_crop(Image.new("RGB", (1, 50)), 64, ImageLimits(max_resized_pixels=12800))
+    monkeypatch.setenv("REPA_MAX_RESIZED_PIXELS", "12800")
+    with pytest.raises(ImageTooLargeError, match="REPA_MAX_RESIZED_PIXELS=12800"):
+        adm_center_crop(Image.new("RGB", (1, 50)), 64)
+    assert ImageLimits.from_env().max_resized_pixels == 12800 and ImageLimits.from_env().max_side == 65535
+    monkeypatch.setenv("REPA_MAX_IMAGE_SIDE", "-3")
+    with pytest.raises(ValueError, match="REPA_MAX_IMAGE_SIDE='-3': expected a positive integer"):
+        ImageLimits.from_env()

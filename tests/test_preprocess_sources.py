@@ -1,6 +1,8 @@
 """Image sources: stable global index, labels, the offline digits set, HF datasets (local parquet)."""
+import contextlib
 import io
 import re
+import signal
 
 import numpy as np
 import pytest
@@ -99,12 +101,42 @@ def _png(path, seed=0, size=(6, 5)):
     Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
 
 
-def test_imagefolder_symlinks_followed_once(tmp_path):
-    """class/up -> .. made 24 images 984 records (41 copies each): every directory and file is listed once."""
-    root, outside = tmp_path / "data", tmp_path / "elsewhere"
-    for c in ("a", "b", "c"):
-        for i in range(8):
+@contextlib.contextmanager
+def deadline(seconds: float):
+    """Fail (instead of hanging the suite) if the block runs longer: a listing that loops is a regression."""
+    def expired(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _classes(root, names="abc", n=8):
+    for c in names:
+        for i in range(n):
             _png(root / c / f"{i}.png", seed=ord(c) * 10 + i)
+    return sorted(str(root / c / f"{i}.png") for c in names for i in range(n))
+
+
+def test_imagefolder_symlink_loop(tmp_path):
+    """class/up -> .. made 24 images 984 records (41 copies each)."""
+    root = tmp_path / "data"
+    want = _classes(root)
+    (root / "b" / "up").symlink_to("..")
+    with deadline(20):
+        src = open_source(f"imagefolder:{root}")
+    assert src.paths == want and [src.get(k)[1] for k in range(24)] == [i // 8 for i in range(24)]
+    assert src.repeats == [(str(root / "b" / "up"), str(root))]
+
+
+def test_imagefolder_symlinks_followed_once(tmp_path):
+    """Every directory (by st_dev, st_ino) and every file is listed once, at its real path if it has one."""
+    root, outside = tmp_path / "data", tmp_path / "elsewhere"
+    _classes(root)
     (root / "a" / "up").symlink_to("..")                      # a loop back to the root
     (root / "b" / "deep").mkdir()
     (root / "b" / "deep" / "loop").symlink_to("..")           # a loop back to b
@@ -113,7 +145,8 @@ def test_imagefolder_symlinks_followed_once(tmp_path):
     (root / "d").symlink_to(outside / "d")                    # a class folder kept on another disk: followed
     (root / "e").symlink_to("a")                              # a class that is another class: left out
     (root / "b" / "ext.png").symlink_to(outside / "d" / "x.png")  # same file as d/x.png: listed once
-    src = open_source(f"imagefolder:{root}")
+    with deadline(20):
+        src = open_source(f"imagefolder:{root}")
     want = sorted([str(root / c / f"{i}.png") for c in "abc" for i in range(8)] + [str(root / "d" / "x.png")])
     assert src.paths == want and len(src) == 25
     assert src.classes == ["a", "b", "c", "d"] and [src.get(k)[1] for k in (0, 8, 16, 24)] == [0, 1, 2, 3]

@@ -28,7 +28,7 @@ CHILD = textwrap.dedent("""
     from repa.preprocess.crop import adm_center_crop
     from repa.preprocess.sources import open_source
     folder, res, with_res = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
-    src = open_source("imagefolder:" + folder, res=res if with_res else None)
+    src = open_source("imagefolder:" + folder, **({"res": res} if with_res else {}))
     out = {}
     try:
         img, label, name = src.decode(src.get(0))

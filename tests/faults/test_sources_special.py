@@ -19,8 +19,6 @@ from PIL import Image
 
 from faults.conftest import run_forked
 from repa.preprocess.cli import main
-from repa.preprocess.crop import ImageLimits
-from repa.preprocess.sources import SourceError, read_file
 from repa.shards import ShardStream
 
 
@@ -89,6 +87,8 @@ def test_special_files_skipped_and_listed(specials, tmp_path, faults):
 
 def test_stalled_read_times_out(tmp_path, faults):
     """A read that never completes (a FIFO with a silent writer stands in for a stalled network mount)."""
+    from repa.preprocess.crop import ImageLimits
+    from repa.preprocess.sources import SourceError, read_file
     fifo = tmp_path / "stalled.png"
     os.mkfifo(fifo)
     writer = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
@@ -114,6 +114,7 @@ def test_stalled_read_times_out(tmp_path, faults):
 
 
 def test_read_timeout_from_env(monkeypatch):
+    from repa.preprocess.crop import ImageLimits
     monkeypatch.setenv("REPA_READ_TIMEOUT", "2.5")
     assert ImageLimits.from_env().read_timeout == 2.5
     monkeypatch.setenv("REPA_READ_TIMEOUT", "soon")
