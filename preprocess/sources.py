@@ -70,6 +70,10 @@ class Source:
         """Decode with the size limits checked on the header first (and the ADM resize when `res` is set)."""
         return load_rgb(fp, self.exif_transpose, limits=self._limits(), res=self.res, name=name)
 
+    def notes(self) -> list[str]:
+        """Lines worth showing the user once when the source is opened (e.g. paths left out of a listing)."""
+        return []
+
     def fingerprint(self) -> dict:
         """A small JSON-able dict identifying the data; equal dicts mean the same images under the same keys.
         Subclasses add content hashes; this base only has the kind, spec and size."""
@@ -359,6 +363,18 @@ class ImageFolderSource(Source):
 
     def describe(self, key: int) -> str:
         return self.paths[key]
+
+    def notes(self) -> list[str]:
+        out = []
+        if self.repeats:
+            (p, first), more = self.repeats[0], len(self.repeats) - 1
+            out.append(f"{self.spec}: {len(self.repeats)} symlinked path(s) repeat folders or files already "
+                       f"listed and are left out (e.g. {p} -> {first}{f', and {more} more' if more else ''})")
+        if self.special:
+            p, kind = next(iter(sorted(self.special.items())))
+            out.append(f"{self.spec}: {len(self.special)} file(s) named like images are not regular files and "
+                       f"will be skipped (e.g. {p}: {kind})")
+        return out
 
     def listing(self) -> list[list]:
         """[[relative path ('/'-separated), size in bytes], ...] in key order (size -1: cannot be stat'ed).

@@ -131,6 +131,8 @@ def test_imagefolder_symlink_loop(tmp_path):
         src = open_source(f"imagefolder:{root}")
     assert src.paths == want and [src.get(k)[1] for k in range(24)] == [i // 8 for i in range(24)]
     assert src.repeats == [(str(root / "b" / "up"), str(root))]
+    assert src.notes() == [f"imagefolder:{root}: 1 symlinked path(s) repeat folders or files already listed and "
+                           f"are left out (e.g. {root / 'b' / 'up'} -> {root})"]
 
 
 def test_imagefolder_symlinks_followed_once(tmp_path):
@@ -177,6 +179,8 @@ def test_imagefolder_special_files_refused_before_work(tmp_path):
         with pytest.raises(SourceError, match=re.escape(kind)):
             src.decode(src.get(k))
     assert src.decode(src.get(1))[2] == str(root / "a" / "ok.png")
+    assert src.notes() == [f"imagefolder:{root}: 2 file(s) named like images are not regular files and will be "
+                           f"skipped (e.g. {root / 'a' / 'gone.jpg'}: broken symbolic link (FileNotFoundError))"]
 
 
 def test_folder_fingerprint_and_diff(tmp_path):

@@ -46,7 +46,8 @@ def test_corpus_converted_or_reported(tmp_path, faults):
         f"ImageTooLargeError: {paths['huge_20000.png']}: image of 400000000 px is over the limit "
         "REPA_MAX_IMAGE_PIXELS=178956970"), errors["huge_20000.png"]
     assert "image of 1 x 200000 px (side 200000) is over the limit REPA_MAX_IMAGE_SIDE" in errors["thin_1x200000.png"]
-    assert errors["not_an_image.jpg"] == f"UnidentifiedImageError: cannot identify image file {paths['not_an_image.jpg']}"
+    assert errors["not_an_image.jpg"] == ("UnidentifiedImageError: cannot identify image file "
+                                          f"{paths['not_an_image.jpg']}")
 
     batch = next(iter(stream))
     order = sorted(str(p) for p in paths.values())  # global index = position in the sorted listing
