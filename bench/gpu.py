@@ -822,6 +822,7 @@ def summarize(r: dict, checks: dict, sections: dict, shapes: Shapes, device_name
         "xl2_bf16_vs_reference": ratio(g("xl2_ours_bf16_img_s"), g("xl2_reference_img_s")),
         "xl2_vs_reference_cached_moments": ratio(g("xl2_ours_fp16_img_s"), g("xl2_reference_cached_moments_img_s")),
         "b2_img_s": g("b2_ours_fp16_img_s"),
+        "b2_bf16_img_s": g("b2_ours_bf16_img_s"),
         "b2_vs_reference": ratio(g("b2_ours_fp16_img_s"), g("b2_reference_img_s")),
         "b2_vs_reference_cached_moments": ratio(g("b2_ours_fp16_img_s"), g("b2_reference_cached_moments_img_s")),
         "compile_speedup": ratio(g("compile_compiled_img_s"), g("compile_eager_img_s")),

@@ -252,8 +252,8 @@ def node_demand(gpu_json: str | None) -> tuple[dict, str]:
     if gpu_json:
         with open(gpu_json) as f:
             gpu = json.loads(f.read().strip().splitlines()[-1])
-        if gpu.get("xl2_bf16_img_s") and gpu.get("b2_img_s") and not gpu.get("quick"):
-            base = {"xl2": gpu["xl2_bf16_img_s"], "b2": gpu["b2_img_s"]}
+        if gpu.get("xl2_bf16_img_s") and gpu.get("b2_bf16_img_s") and not gpu.get("quick"):
+            base = {"xl2": gpu["xl2_bf16_img_s"], "b2": gpu["b2_bf16_img_s"]}
             source = f"measured by bench/gpu.py on {gpu.get('device')} (256 px), 512 px scaled by DiT GFLOPs"
     return {f"{m}_{r}": round(8 * base[m] * GFLOPS[(m, 256)] / GFLOPS[(m, r)], 1)
             for m in ("xl2", "b2") for r in (256, 512)}, source
