@@ -108,3 +108,25 @@ def test_trainer_imports_nothing_above_it():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             bad += [f"{path.name}: {n}" for n in names if n.startswith(("repa.sampler", "sampler"))]
     assert bad == []
+
+
+def test_stop_flag_real_signals():
+    """SIGTERM / SIGUSR1 only set the flag (first one named); a SIGINT > 1 s later is an immediate KeyboardInterrupt."""
+    import signal
+    from repa.trainer.preempt import StopFlag, parse_signal
+    assert parse_signal("USR1") == parse_signal("SIGUSR1") == signal.SIGUSR1 and parse_signal("none") is None
+    before = signal.getsignal(signal.SIGUSR1)
+    stop = StopFlag("USR1").install()
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.set and stop.received == "SIGUSR1"
+        os.kill(os.getpid(), signal.SIGINT)  # at once: the same Ctrl-C seen twice (torchrun), still a flag
+        stop.at -= 2  # two seconds later
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(100):  # the handler runs at the next bytecode boundary of the main thread
+                pass
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGUSR1) == before

@@ -9,6 +9,9 @@ reader's workers ignore SIGTERM, SIGINT and the requeue signal (``make_loader(ig
 from __future__ import annotations
 
 import signal
+import time
+
+FORCE_AFTER_S = 1.0  # a SIGINT this long after the first stop signal interrupts at once (no checkpoint)
 
 
 def parse_signal(name: str | None) -> signal.Signals | None:
@@ -32,6 +35,7 @@ class StopFlag:
         if extra is not None and extra not in self.signals:
             self.signals.append(extra)
         self.received: str | None = None
+        self.at = 0.0
         self.previous = {}
 
     @property
@@ -48,7 +52,11 @@ class StopFlag:
 
     def _handler(self, signum, frame):
         if self.received is None:
-            self.received = signal.Signals(signum).name
+            self.received, self.at = signal.Signals(signum).name, time.monotonic()
+        elif signum == signal.SIGINT and time.monotonic() - self.at > FORCE_AFTER_S:
+            # a second Ctrl-C: the user does not want to wait for the checkpoint. Not within FORCE_AFTER_S of the
+            # first signal: one Ctrl-C under torchrun arrives twice (the terminal's SIGINT, torchrun's SIGTERM)
+            raise KeyboardInterrupt
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():
