@@ -115,6 +115,8 @@ def run(opts: Options, echo: Callable[[str], None] = print) -> dict:
     device = _device(opts, dist)
     opts = _resolve(opts, device)
     source, n, out = _open(opts)
+    for line in source.notes() if dist.rank == 0 else ():  # e.g. symlinked repeats left out of a listing
+        echo(line)
     from .resume import source_identity, write_settings
     fp, listing = source_identity(source) if dist.rank == 0 else ({}, None)
     lock, record = _take_output(out, opts, fp, listing, dist, echo)
