@@ -15,9 +15,10 @@ POSIX locks belong to the process, so this module refuses a second lock on the s
 
 Object stores: a lease object ``<url>/.repa-lock`` created with a conditional put (S3 ``If-None-Match: *``)
 and renewed by a heartbeat thread with ``If-Match: <etag>`` every ``ttl_s / 4`` seconds. A lease not renewed
-for ``ttl_s`` seconds (its holder died, or lost the network) is stale and is taken over with a conditional
-overwrite of exactly the stale version, so of two runs racing for a stale lease one wins. Every write is read
-back and compared with this holder's token as well, which catches a store that ignores the conditions. Limits:
+for ``ttl_s`` seconds (its holder died, or lost the network), or naming a dead pid of this host, is stale and
+is taken over with a conditional overwrite of exactly the stale version, so of two runs racing for a stale
+lease one wins. Every write is read back and compared with this holder's token as well, which catches a
+store that ignores the conditions. ``acquire(wait_s=...)`` waits for a live-looking lease to expire. Limits:
 the age of a lease is judged by its holder's clock, so hosts need clocks within a few seconds (NTP); a
 holder stalled for longer than ``ttl_s`` loses its lease (``lost`` becomes True and ``check()`` raises);
 stores other than S3 (gs://, ...) have no conditional put through fsspec: there a lease is written, then read
@@ -95,13 +96,26 @@ class OutputLock:
         self._fd: int | None = None
         self._lease: _Lease | None = None
 
-    def acquire(self) -> "OutputLock":
+    def acquire(self, wait_s: float = 0.0) -> "OutputLock":
+        """Take the lock or raise LockHeld. ``wait_s`` > 0 retries for that long first (e.g. ``ttl_s`` for a
+        requeued job whose killed predecessor's lease has not expired yet)."""
         if self.info is not None:
             return self
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                return self._acquire_once()
+            except LockHeld:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(min(5.0, self.ttl_s / 4, max(0.05, deadline - time.monotonic())))
+
+    def _acquire_once(self) -> "OutputLock":
         info = _holder(self.stage, self.ttl_s)
         if storage.is_remote(self.url):
-            self._lease = _Lease(self.path, self.storage_options, self.ttl_s)
-            self.previous = self._lease.acquire(info)
+            lease = _Lease(self.path, self.storage_options, self.ttl_s)
+            self.previous = lease.acquire(info)
+            self._lease = lease
         else:
             self._acquire_local(info)
         self.info = info
@@ -209,6 +223,8 @@ class _Lease:
     def _stale(self, old: dict | None) -> bool:
         if not old:
             return True  # unreadable lease (a torn write of a store without atomic puts): nobody holds it
+        if old.get("host") == socket.gethostname() and isinstance(old.get("pid"), int) and not _alive(old["pid"]):
+            return True  # its holder ran on this host and is gone: no need to wait for the TTL
         ttl = float(old.get("ttl_s", self.ttl_s))
         return time.time() - float(old.get("renewed_unix", 0)) > ttl
 
@@ -325,6 +341,16 @@ class _PlainStore:
 
     def delete(self) -> None:
         storage.remove(self.url, self.opts)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's live process
+    return True
 
 
 def _precondition_failed(e: BaseException) -> bool:

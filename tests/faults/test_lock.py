@@ -144,3 +144,27 @@ def test_s3_lease_lost_to_another_run_is_reported(s3_bucket, faults):
     lock.release()  # does not delete the other run's lease
     assert json.loads(storage.read_bytes(lock.path))["token"] == "other"
     faults.record(faults=1, runs=1, kind="lease lost (object store)")
+
+
+def test_s3_lease_of_killed_local_process_taken_over_at_once_and_wait(s3_bucket, faults):
+    from faults.conftest import run_forked, sigkill_self
+    from repa.shards import storage
+    url = f"{s3_bucket}/run"
+
+    def holder_killed():
+        OutputLock(url, stage="repa-preprocess").acquire()
+        sigkill_self()  # no release: the lease stays, naming a pid that is gone
+
+    assert run_forked(holder_killed) == -9
+    dead = json.loads(storage.read_bytes(f"{url}/.repa-lock"))
+    with OutputLock(url) as lock:  # same host, pid gone: no need to wait for the 120 s TTL
+        assert lock.previous["pid"] == dead["pid"] and lock.previous["stage"] == "repa-preprocess"
+    other_host = {"stage": "repa-train", "host": "node-b", "pid": 7, "renewed_unix": time.time(), "ttl_s": 1.0,
+                  "token": "b"}
+    storage.write_bytes(f"{url}/.repa-lock", json.dumps(other_host).encode())
+    with pytest.raises(LockHeld, match="node-b"):
+        OutputLock(url).acquire()
+    t0 = time.monotonic()
+    with OutputLock(url, ttl_s=2).acquire(wait_s=10) as lock:  # a requeued job waits for the lease to expire
+        assert lock.previous["host"] == "node-b" and 0.2 < time.monotonic() - t0 < 5
+    faults.record(faults=2, runs=2, kind="killed lease holder (object store)")
