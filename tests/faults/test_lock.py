@@ -168,3 +168,15 @@ def test_s3_lease_of_killed_local_process_taken_over_at_once_and_wait(s3_bucket,
     with OutputLock(url, ttl_s=2).acquire(wait_s=10) as lock:  # a requeued job waits for the lease to expire
         assert lock.previous["host"] == "node-b" and 0.2 < time.monotonic() - t0 < 5
     faults.record(faults=2, runs=2, kind="killed lease holder (object store)")
+
+
+def test_plain_store_lease_without_conditional_puts(monkeypatch):
+    from repa.shards import lock as lk
+    monkeypatch.setattr(lk, "SETTLE_S", 0.01)
+    url = f"memory://repa-lock-test-{os.getpid()}/run"  # fsspec's in-memory store: no conditional puts
+    with OutputLock(url, stage="repa-train", ttl_s=30) as first:
+        with pytest.raises(LockHeld, match=f"pid {os.getpid()}"):
+            OutputLock(url, ttl_s=30).acquire()
+        assert first.previous is None
+    with OutputLock(url, ttl_s=30) as again:  # released (the lease object deleted)
+        assert again.previous is None
