@@ -432,6 +432,7 @@ def _ignore_signals(signals: tuple[int, ...], worker_id: int) -> None:
 
 
 _LIVE_ITERATORS: "weakref.WeakSet" = weakref.WeakSet()
+_EXIT_HOOK = False
 
 
 def _track_workers(it) -> None:
@@ -439,9 +440,10 @@ def _track_workers(it) -> None:
     them forever when the process exits with a loader iterator still alive (a run stopping on a signal). An
     exit hook registered after multiprocessing's (so it runs first) shuts them down the normal way instead,
     and SIGKILLs any that does not stop."""
-    if not _LIVE_ITERATORS and not getattr(_track_workers, "registered", False):
+    global _EXIT_HOOK
+    if not _EXIT_HOOK:  # registered lazily: after multiprocessing's own hook, so it runs before it
         atexit.register(_shutdown_live_workers)
-        _track_workers.registered = True
+        _EXIT_HOOK = True
     _LIVE_ITERATORS.add(it)
 
 
