@@ -80,7 +80,7 @@ def full_shapes() -> Shapes:
                   xl2=("SiT-XL/2", {}, 8), b2=("SiT-B/2", {}, 4),
                   teacher=("vit_base_patch14_dinov2", {"img_size": 224}), vae=dict(SD_VAE),
                   budgets={"correctness": 40, "train_xl2": 45, "train_b2": 25, "haste": 25, "sampling": 45,
-                           "preprocess": 35, "compile": 80})
+                           "preprocess": 35, "compile": 150})  # compile: whatever is left, up to 150 s
 
 
 def quick_shapes() -> Shapes:
