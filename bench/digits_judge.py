@@ -3,20 +3,21 @@
 The REPA evidence (bench/repa_effect.py) must not score samples with the teacher the student was aligned to.
 This judge is independent of it in data and architecture:
 
-* data: it trains on half B of the digits (`preprocess.demo_teacher.split_halves`); the teacher trains on
-  half A. Its accuracy is reported on half A;
+* data: it trains on half B of the source (the digits by default; `preprocess.demo_teacher.split_halves`); the
+  teacher trains on half A. Its accuracy is reported on half A;
 * architecture: a 3-layer convnet (`DigitsCNN`), not a ViT; it reads the pixels the sampler writes
   (uint8 RGB at the demo resolution), scaled to [-1, 1].
 
 Metrics (`Judge.score`), in the spirit of FID / classifier accuracy:
 
 * `fd`: the Frechet distance between Gaussians fitted to the judge's 64-d penultimate features of the samples
-  and of all 1,797 real digits: ||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2);
+  and of all the real images (1,797 digits): ||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2);
 * `acc`: the fraction of class-conditional samples that the judge assigns to the class they were asked for.
 """
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import numpy as np
@@ -107,13 +108,14 @@ class Judge:
 
 
 def train_judge(images: torch.Tensor, labels: torch.Tensor, *, steps: int = 300, batch_size: int = 128,
-                lr: float = 2e-3, seed: int = 0, max_shift: int = 2, log=print) -> DigitsCNN:
+                lr: float = 2e-3, seed: int = 0, max_shift: int = 2, num_classes: int = 10,
+                log=print) -> DigitsCNN:
     """Train a `DigitsCNN` on uint8 (N, 3, R, R) images with random translations; returns it in eval mode."""
     from repa.preprocess.demo_teacher import random_shift
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    model = DigitsCNN()
+    model = DigitsCNN(num_classes)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     model.train()
@@ -131,21 +133,26 @@ def train_judge(images: torch.Tensor, labels: torch.Tensor, *, steps: int = 300,
 
 
 def load_or_train_judge(cache_dir: str, resolution: int, *, steps: int = 300, seed: int = 0,
-                        split_seed: int = 1234, log=print) -> tuple[Judge, dict]:
-    """The judge for ``resolution`` (trained on half B, cached as safetensors in ``cache_dir``) and its info."""
+                        split_seed: int = 1234, source: str = "digits", max_shift: int | None = None,
+                        log=print) -> tuple[Judge, dict]:
+    """The judge of ``source`` at ``resolution`` (trained on half B, cached as safetensors in ``cache_dir``)
+    and its info. The cache holds one judge per source: use one cache_dir per source."""
     from safetensors.torch import load_file, save_file
 
-    from repa.preprocess.demo_teacher import digits_images, split_halves
+    from repa.preprocess.demo_teacher import source_images, split_halves
 
-    images, labels = digits_images(resolution)
+    images, labels, num_classes = source_images(source, resolution)
     half_a, half_b = split_halves(len(images), split_seed)
-    path = os.path.join(cache_dir, f"judge-r{resolution}-s{steps}-seed{seed}-split{split_seed}.safetensors")
+    shift = max(1, resolution // 16) if max_shift is None else max_shift  # half a digit pixel
+    path = os.path.join(cache_dir, f"judge-r{resolution}-s{steps}-seed{seed}-split{split_seed}-k{num_classes}"
+                                   f"-shift{shift}.safetensors")
     if os.path.isfile(path):
-        model = DigitsCNN()
+        model = DigitsCNN(num_classes)
         model.load_state_dict(load_file(path))
         model.eval()
     else:
-        model = train_judge(images[half_b], labels[half_b], steps=steps, seed=seed, log=log)
+        model = train_judge(images[half_b], labels[half_b], steps=steps, seed=seed, max_shift=shift,
+                            num_classes=num_classes, log=log)
         os.makedirs(cache_dir, exist_ok=True)
         tmp = path + ".tmp"
         save_file(model.state_dict(), tmp)
@@ -154,8 +161,42 @@ def load_or_train_judge(cache_dir: str, resolution: int, *, steps: int = 300, se
     acc = float((judge.predict(images[half_a]) == labels[half_a]).float().mean())
     real = judge.score(images[half_a], labels[half_a])  # a real-data floor for the metrics
     info = {"heldout_accuracy": acc, "num_train": len(half_b), "num_heldout": len(half_a), "weights": path,
-            "real_half_fd": real["fd"]}
+            "real_half_fd": real["fd"], "source": source, "num_classes": num_classes}
     if log:
         log(f"judge: held-out accuracy {acc:.3f} on {len(half_a)} real digits; FD(real half A, all real) "
             f"{real['fd']:.3f}")
     return judge, info
+
+
+def main(argv=None) -> dict:
+    """``python bench/digits_judge.py --npz SAMPLES.npz``: the judge's FD and class accuracy of repa-sample output
+    (labels from the .npz's arr_1); prints one JSON line."""
+    import argparse
+    import json
+    p = argparse.ArgumentParser(description=main.__doc__.split(";")[0])
+    p.add_argument("--npz", required=True, help="repa-sample's .npz (arr_0 uint8 NHWC, arr_1 labels)")
+    p.add_argument("--source", default="digits")
+    p.add_argument("--cache", default=None, help="judge cache folder [$REPA_CACHE or ~/.cache/repa]/judge")
+    p.add_argument("--steps", type=int, default=300)
+    args = p.parse_args(argv)
+    with np.load(args.npz, allow_pickle=False) as z:
+        if "arr_1" not in z.files:
+            raise SystemExit(f"digits_judge: {args.npz} has no arr_1 labels; sample with repa-sample")
+        images = torch.from_numpy(np.ascontiguousarray(z["arr_0"])).permute(0, 3, 1, 2).contiguous()
+        labels = torch.from_numpy(z["arr_1"].astype(np.int64))
+    from repa.preprocess.demo_teacher import default_cache_root
+    cache = args.cache or os.path.join(default_cache_root(), "judge")
+    judge, info = load_or_train_judge(cache, images.shape[-1], steps=args.steps, source=args.source,
+                                      log=lambda m: print(m, file=sys.stderr, flush=True))
+    score = judge.score(images, labels)
+    out = {"acc": score["acc"], "fd": score["fd"], "num_samples": int(len(images)),
+           "judge_heldout_accuracy": info["heldout_accuracy"], "real_half_fd": info["real_half_fd"]}
+    print(json.dumps(out), flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    main()

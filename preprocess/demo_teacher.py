@@ -1,28 +1,31 @@
-"""The demo's pretrained teacher: a small timm ViT trained on the embedded digits, saved in timm's folder format.
+"""The demo's pretrained teacher: a small timm ViT trained on half of a dataset, saved in timm's folder format.
 
 REPA aligns the student with a *frozen pretrained* encoder. The demo has no network, so it cannot download
-DINOv2; instead it builds one once, here, from the data that ships with scikit-learn:
+DINOv2; instead it builds one once, here, from the data at hand (by default the digits that ship with
+scikit-learn; ``--source`` takes anything repa-preprocess accepts: ``digits``, ``imagefolder:DIR``, ``hf:...``):
 
-1. images: the `digits` source of repa-preprocess (1,797 8x8 digits, 10 classes) through the same ADM center
-   crop at the demo resolution R (default 32), as uint8;
+1. images: the source through repa-preprocess's own reader and ADM center crop at the resolution R (default
+   64), as uint8 (`source_images`);
 2. split: a seeded permutation cuts the set into two halves (`split_halves`). The teacher trains on half A
    and reports its accuracy on half B. bench/digits_judge.py trains its independent judge on half B;
 3. model: ``timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=..., patch_size=...,
-   embed_dim=..., depth=..., num_classes=10, class_token=False, global_pool="avg")``: a 4-block ViT whose
+   embed_dim=..., depth=..., num_classes=K, class_token=False, global_pool="avg")``: a 4-block ViT whose
    classification reads the mean of its patch tokens, so every output patch token is trained (a CLS
    token's last block would leave the patch outputs untrained, and those are what REPA aligns to);
 4. input: exactly what repa-preprocess will feed it. The images go through `preprocess.teachers.Teacher`'s
    own `preprocess` (x/255, mean/std from the model's pretrained_cfg, bicubic resize to patch * R/16), so the
-   token grid is (R/16) x (R/16), as for every teacher of the pipeline;
-5. training: AdamW with a cosine schedule, label smoothing, random translations of up to 2 px
-   (at R=32; one quarter of a source pixel per px), seeded (`--seed`), for a fixed number of steps
-   (about 20 s on 2 idle CPU cores);
+   token grid is (R/16) x (R/16), as for every teacher of the pipeline. The default (R=64, patch 2) gives an
+   8 px input (the digits' native resolution) and a 4x4 grid: the grid of the demo's pixel-space SiT with
+   patch 16 (each token one 16x16 px patch, like SiT-/2 on the 256 px SD-VAE latent with DINOv2's 16x16);
+5. training: AdamW with a cosine schedule, label smoothing, random translations of up to ``max_shift`` px
+   (at R), seeded (`--seed`), for a fixed number of steps (about a minute on 2 idle CPU cores);
 6. saving: `timm.models.save_for_hf(model, dir, safe_serialization=True)` writes config.json +
    model.safetensors, the folder format that `--enc-type timm:local-dir:DIR` loads; the held-out accuracy
    measured on the *reloaded* folder and the recipe go to `demo_teacher.json` next to them.
 
 The folder is cached (default ``$REPA_CACHE or ~/.cache/repa``/demo-teacher-<hash of the recipe>) and reused
-when present; the write is atomic (temporary folder, then rename).
+when present; the write is atomic (temporary folder, then rename). The hash covers the recipe, including the
+source *name* (not the files of an image folder: give a changed folder a new path or a new ``--seed``).
 
     python -m repa.preprocess.demo_teacher --out ~/.cache/repa      # prints the teacher folder
 """
@@ -44,8 +47,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["TeacherRecipe", "digits_images", "split_halves", "build_teacher", "ensure_teacher",
-           "evaluate_folder", "teacher_dir_name"]
+__all__ = ["TeacherRecipe", "digits_images", "source_images", "split_halves", "build_teacher", "ensure_teacher",
+           "evaluate_folder", "teacher_dir_name", "VAERecipe", "build_vae", "ensure_vae"]
 
 INFO_FILE = "demo_teacher.json"
 
@@ -53,8 +56,8 @@ INFO_FILE = "demo_teacher.json"
 @dataclasses.dataclass(frozen=True)
 class TeacherRecipe:
     """Everything that determines the teacher's weights (its hash names the cache folder)."""
-    resolution: int = 32      # dataset resolution R (the demo's --res); the token grid is R/16 per side
-    patch_size: int = 8       # teacher input = patch_size * R/16 (16 px at R=32)
+    resolution: int = 64      # dataset resolution R (the demo's --res); the token grid is R/16 per side
+    patch_size: int = 2       # teacher input = patch_size * R/16 (8 px at R=64)
     embed_dim: int = 128
     depth: int = 4
     num_heads: int = 4
@@ -63,9 +66,10 @@ class TeacherRecipe:
     learning_rate: float = 1e-3
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
-    max_shift: int = 2        # random translation in pixels at resolution R
+    max_shift: int = 2        # random translation in pixels at resolution R (a quarter digit pixel at R=64)
     seed: int = 0
     split_seed: int = 1234    # the A/B split shared with the judge (bench/digits_judge.py)
+    source: str = "digits"    # anything repa-preprocess accepts: digits, imagefolder:DIR, hf:NAME
 
     def key(self) -> str:
         text = json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -80,22 +84,36 @@ def default_cache_root() -> str:
     return os.environ.get("REPA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "repa")
 
 
-@functools.lru_cache(maxsize=2)
-def digits_images(resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """All 1,797 digits as repa-preprocess sees them: uint8 (N, 3, R, R) after the ADM crop, int64 labels.
-
-    Cached per resolution: treat the returned tensors as read-only."""
+@functools.lru_cache(maxsize=4)
+def _source_images(source: str, resolution: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     from repa.preprocess.crop import adm_center_crop
-    from repa.preprocess.sources import DigitsSource
+    from repa.preprocess.sources import open_source
 
-    src = DigitsSource()
+    src = open_source(source, res=resolution)
     images, labels = [], []
-    for key in range(len(src)):
-        img, label, _ = src.decode(src.get(key))
+    for _key, record in src.stream(0):
+        img, label, _ = src.decode(record)
         images.append(adm_center_crop(img, resolution))
         labels.append(label)
+    if len(images) < 4:
+        raise ValueError(f"{source}: {len(images)} images; the teacher/judge split needs at least 4")
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-    return x, torch.tensor(labels, dtype=torch.int64)
+    return x, torch.tensor(labels, dtype=torch.int64), int(src.num_classes)
+
+
+def source_images(source: str, resolution: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """All images of ``source`` as repa-preprocess sees them (its reader, its ADM crop at ``resolution``):
+    uint8 (N, 3, R, R), int64 labels in key order, and the number of classes.
+
+    Cached per (source, resolution): treat the returned tensors as read-only. Held in memory: meant for the
+    demo and bench datasets (thousands of images), not ImageNet."""
+    return _source_images(source, int(resolution))
+
+
+def digits_images(resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """All 1,797 digits: uint8 (N, 3, R, R) after the ADM crop, int64 labels (`source_images("digits", R)`)."""
+    x, y, _ = source_images("digits", resolution)
+    return x, y
 
 
 def split_halves(n: int, seed: int = 1234) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,11 +132,11 @@ def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generato
     return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])
 
 
-def _create_vit(recipe: TeacherRecipe, input_size: int):
+def _create_vit(recipe: TeacherRecipe, input_size: int, num_classes: int):
     import timm
     return timm.create_model(
         "vit_tiny_patch16_224", pretrained=False, img_size=input_size, patch_size=recipe.patch_size,
-        embed_dim=recipe.embed_dim, depth=recipe.depth, num_heads=recipe.num_heads, num_classes=10,
+        embed_dim=recipe.embed_dim, depth=recipe.depth, num_heads=recipe.num_heads, num_classes=num_classes,
         class_token=False, global_pool="avg")
 
 
@@ -149,10 +167,10 @@ def build_teacher(out_dir: str, recipe: TeacherRecipe = TeacherRecipe(), *, log=
 
     t0 = time.perf_counter()
     torch.manual_seed(recipe.seed)
-    images, labels = digits_images(recipe.resolution)
+    images, labels, num_classes = source_images(recipe.source, recipe.resolution)
     train_idx, held_idx = split_halves(len(images), recipe.split_seed)
     input_size = teacher_input_size(recipe.patch_size, recipe.resolution)
-    model = _create_vit(recipe, input_size)
+    model = _create_vit(recipe, input_size, num_classes)
     view = _pipeline_view(model, recipe)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -177,6 +195,7 @@ def build_teacher(out_dir: str, recipe: TeacherRecipe = TeacherRecipe(), *, log=
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-teacher-", dir=parent)
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the cache is shared like any folder
         model.eval()
         save_for_hf(model, tmp, safe_serialization=True)
         held = evaluate_folder(tmp, images[held_idx], labels[held_idx], recipe.resolution)
@@ -186,9 +205,9 @@ def build_teacher(out_dir: str, recipe: TeacherRecipe = TeacherRecipe(), *, log=
             "token_grid": [recipe.resolution // 16] * 2, "num_train": len(train_idx), "num_heldout": len(held_idx),
             "train_accuracy": train_acc, "heldout_accuracy": held, "train_seconds": round(train_seconds, 1),
             "params": sum(p.numel() for p in model.parameters()),
+            "num_classes": num_classes,
             "how": "timm vit_tiny_patch16_224 architecture (random init, class_token=False, global_pool=avg) "
-                   "trained on split half A of scikit-learn's digits at the demo crop; see "
-                   "preprocess/demo_teacher.py",
+                   f"trained on split half A of {recipe.source} at the ADM crop; see preprocess/demo_teacher.py",
         }
         with open(os.path.join(tmp, INFO_FILE), "w") as f:
             json.dump(info, f, indent=2)
@@ -229,6 +248,124 @@ def ensure_teacher(cache_root: str | None = None, recipe: TeacherRecipe = Teache
     return out
 
 
+# ------------------------------------------------------------------ the demo's autoencoder
+
+@dataclasses.dataclass(frozen=True)
+class VAERecipe:
+    """A tiny diffusers AutoencoderKL (downsample 8, 4 latent channels, like the SD-VAE) for the demo data.
+
+    Why: the teacher grid is R/16 per side, so in pixel space the student would need patch 16: 768 numbers
+    per token, more than a small SiT's width can carry (its output layer has rank <= width, so the noise
+    outside that range is never removed). With an 8x latent, SiT-/2 sees (R/16)^2 tokens of 2*2*4 = 16 numbers,
+    the ImageNet geometry (256 px -> 32x32x4 latent -> 16x16 tokens = DINOv2's grid)."""
+    resolution: int = 64
+    block_out_channels: tuple = (8, 16, 32, 32)
+    latent_channels: int = 4
+    steps: int = 500
+    batch_size: int = 16
+    crop: int = 32            # trained on random crops (offsets on the 8 px latent grid): a 4x cheaper step
+    learning_rate: float = 2e-3
+    kl_weight: float = 1e-6
+    seed: int = 0
+    source: str = "digits"
+
+    def key(self) -> str:
+        text = json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _create_vae(recipe: VAERecipe):
+    from diffusers import AutoencoderKL
+    n = len(recipe.block_out_channels)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+                         up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=recipe.block_out_channels,
+                         layers_per_block=1, latent_channels=recipe.latent_channels, norm_num_groups=8,
+                         sample_size=recipe.resolution, mid_block_add_attention=False)  # all-conv: crops are exact
+
+
+def build_vae(out_dir: str, recipe: VAERecipe = VAERecipe(), *, log=print) -> dict:
+    """Train the autoencoder on ALL images of the source (it is the data's codec, like the SD-VAE for
+    ImageNet, not a feature extractor) and save it with save_pretrained; per-channel latents_mean/std of the
+    training latents go into its config, so that repa-preprocess scales latents to unit variance."""
+    t0 = time.perf_counter()
+    torch.manual_seed(recipe.seed)
+    images, _, _ = source_images(recipe.source, recipe.resolution)
+    x_all = images.float() / 127.5 - 1.0
+    vae = _create_vae(recipe)
+    opt = torch.optim.AdamW(vae.parameters(), lr=recipe.learning_rate, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 25) * 0.5 * (1 + math.cos(math.pi * s / recipe.steps)))
+    gen = torch.Generator().manual_seed(recipe.seed)
+    vae.train()
+    c, r = min(recipe.crop, recipe.resolution), recipe.resolution
+    for step in range(recipe.steps):
+        x = x_all[torch.randint(len(x_all), (recipe.batch_size,), generator=gen)]
+        oy, ox = (8 * torch.randint(0, (r - c) // 8 + 1, (2,), generator=gen)).tolist()
+        x = x[:, :, oy:oy + c, ox:ox + c]
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample(generator=None)).sample
+        loss = F.mse_loss(rec, x) + recipe.kl_weight * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if log and (step + 1) % max(1, recipe.steps // 5) == 0:
+            log(f"demo vae: step {step + 1}/{recipe.steps} loss {loss.item():.4f} "
+                f"({time.perf_counter() - t0:.0f} s)")
+    vae.eval()
+    with torch.no_grad():
+        means = torch.cat([vae.encode(x_all[i:i + 256]).latent_dist.mean for i in range(0, len(x_all), 256)])
+        rec = torch.cat([vae.decode(means[i:i + 256]).sample for i in range(0, len(means), 256)])
+    mse = float(F.mse_loss(rec.clamp(-1, 1), x_all))
+    vae.register_to_config(latents_mean=means.mean((0, 2, 3)).tolist(), latents_std=means.std((0, 2, 3)).tolist(),
+                           scaling_factor=1.0)
+    info = {"recipe": dataclasses.asdict(recipe), "reconstruction_mse": mse, "psnr_db": 10 * math.log10(4 / mse),
+            "latent_shape": list(means.shape[1:]), "train_seconds": round(time.perf_counter() - t0, 1),
+            "params": sum(p.numel() for p in vae.parameters())}
+    _save_folder(out_dir, lambda tmp: vae.save_pretrained(tmp, safe_serialization=True), info, "demo_vae.json")
+    if log:
+        log(f"demo vae: reconstruction PSNR {info['psnr_db']:.1f} dB, latent {info['latent_shape']}, "
+            f"{info['train_seconds']:.0f} s -> {out_dir}")
+    return info
+
+
+def _save_folder(out_dir: str, write, info: dict, info_name: str) -> None:
+    """Atomic folder write: ``write(tmp)`` then the info JSON, then rename (a concurrent builder may win)."""
+    parent = os.path.dirname(os.path.abspath(out_dir)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-vae-", dir=parent)
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())
+        write(tmp)
+        with open(os.path.join(tmp, info_name), "w") as f:
+            json.dump(info, f, indent=2)
+        if os.path.isdir(out_dir):
+            shutil.rmtree(tmp)
+        else:
+            os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def ensure_vae(cache_root: str | None = None, recipe: VAERecipe = VAERecipe(), *, log=print) -> str:
+    """The autoencoder folder for ``recipe`` under ``cache_root``: reused if present, else built."""
+    root = cache_root or default_cache_root()
+    out = os.path.join(root, f"demo-vae-{recipe.key()}")
+    if os.path.isfile(os.path.join(out, "demo_vae.json")):
+        if log:
+            log(f"demo vae: reusing {out}")
+        return out
+    build_vae(out, recipe, log=log)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m repa.preprocess.demo_teacher", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -238,11 +375,19 @@ def main(argv=None) -> int:
     for f in dataclasses.fields(TeacherRecipe):
         p.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(d, f.name)), default=getattr(d, f.name))
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--vae", action="store_true", help="build the demo autoencoder (VAERecipe: resolution, "
+                                                      "steps, seed, source) instead of the teacher")
     args = vars(p.parse_args(argv))
     torch.set_num_threads(args.pop("threads"))
     out = args.pop("out")
-    recipe = TeacherRecipe(**args)
-    path = ensure_teacher(out, recipe, log=lambda m: print(m, file=sys.stderr, flush=True))
+    say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    if args.pop("vae"):
+        keep = {k: args[k] for k in ("resolution", "seed", "source")}
+        if args["steps"] != d.steps:
+            keep["steps"] = args["steps"]
+        path = ensure_vae(out, VAERecipe(**keep), log=say)
+    else:
+        path = ensure_teacher(out, TeacherRecipe(**args), log=say)
     print(path, flush=True)
     return 0
 
