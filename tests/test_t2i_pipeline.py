@@ -50,6 +50,13 @@ def test_captions_source_to_shards_to_training_to_samples(tmp_path, clip):
     assert run(_opts(f"captions:{root}", out, clip), echo=lambda m: None)["records_written"] == 0
     with pytest.raises(PreprocessError, match="max_captions"):
         run(_opts(f"captions:{root}", out, clip, max_captions=3), echo=lambda m: None)
+    index = os.path.join(root, "captions.jsonl")
+    with open(index) as f:
+        edited = f.read().replace("a red circle", "a red disc")
+    with open(index, "w") as f:
+        f.write(edited)
+    with pytest.raises(PreprocessError, match="captions_sha256"):  # edited captions: another dataset
+        run(_opts(f"captions:{root}", out, clip), echo=lambda m: None)
 
     from repa.trainer.train import TrainConfig, train
     res = train(TrainConfig(shards=str(out), output_dir=str(tmp_path / "exps"), exp_name="t2i", model="MMDiT-d2/2",
