@@ -388,8 +388,8 @@ def plan_t2i(cfg, manifest, shards_url: str) -> dict:
         raise ValueError(f"{where} has no teacher features (feat.<i>); re-run repa-preprocess with a teacher "
                          "or train without alignment: --proj-coeff 0")
     if getattr(cfg, "haste", None):
-        raise ValueError("--haste is not supported with MMDiT (text-to-image); the official HASTE t2i recipe "
-                         "trains MMDiT with REPA's loss and a stage-wise stop: use --proj-coeff with REPA")
+        raise ValueError("--haste is not supported with MMDiT (text-to-image): the official HASTE train_t2i.py "
+                         "zeroes its attention loss, so its t2i objective is REPA's; train without --haste")
     overrides = dict(input_size=h, in_channels=two_c // 2, context_dim=manifest.fields[texts[0]].shape[-1],
                      z_dims=[manifest.fields[f].shape[-1] for f in feats] or [768],
                      encoder_depth=cfg.encoder_depth, qk_norm="ln" if cfg.qk_norm else None)
