@@ -391,7 +391,7 @@ def plan_t2i(cfg, manifest, shards_url: str) -> dict:
         raise ValueError("--haste is not supported with MMDiT (text-to-image): the official HASTE train_t2i.py "
                          "zeroes its attention loss, so its t2i objective is REPA's; train without --haste")
     overrides = dict(input_size=h, in_channels=two_c // 2, context_dim=manifest.fields[texts[0]].shape[-1],
-                     z_dims=[manifest.fields[f].shape[-1] for f in feats] or [768],
+                     z_dims=[manifest.fields[f].shape[-1] for f in feats],  # none without a teacher, like SiT
                      encoder_depth=cfg.encoder_depth, qk_norm="ln" if cfg.qk_norm else None)
     kwargs = mmdit_config(cfg.model, **{**overrides, **cfg.model_kwargs})
     for key in ("input_size", "in_channels", "context_dim"):

@@ -585,7 +585,7 @@ def build_model(cfg, plan, accelerator, log):
         model.compile()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
-    log.info(f"SiT {cfg.model} {json.dumps(plan.model_kwargs)}: {sum(p.numel() for p in model.parameters()):,} "
+    log.info(f"{cfg.model} {json.dumps(plan.model_kwargs)}: {sum(p.numel() for p in model.parameters()):,} "
              f"parameters")
     return model, ema, optimizer, haste
 
