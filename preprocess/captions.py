@@ -32,8 +32,8 @@ from .crop import to_rgb
 from .sources import Source, SourceError, image_extensions, listing_sha256
 
 __all__ = ["CaptionedSource", "COCOSource", "CaptionsFolderSource", "HFCaptionSource", "TextStage",
-           "open_text_stage", "open_captioned_source", "text_stage_for", "is_captioned_spec", "CAPTIONS_FILE", "EMPTY_CONTEXT_FILE", "read_captions",
-           "read_empty_context"]
+           "open_text_stage", "open_captioned_source", "text_stage_for", "is_captioned_spec", "uvit_center_crop",
+           "CAPTIONS_FILE", "EMPTY_CONTEXT_FILE"]
 
 CAPTIONS_FILE = "captions.json"
 EMPTY_CONTEXT_FILE = "empty_context.safetensors"
@@ -56,8 +56,18 @@ class CaptionedSource(Source):
     def captions(self, key: int) -> list[str]:
         return self.caps[key]
 
+    crop: str = "adm"  # "uvit": U-ViT's crop here, so the pipeline's ADM crop of a res x res image is the identity
+
     def decode(self, record):
-        return self._load(record, record), 0, record  # size limits checked on the header first
+        return self._crop(self._load(record, record)), 0, record  # size limits checked on the header first
+
+    def _crop(self, img):
+        if self.crop != "uvit":
+            return img
+        from PIL import Image
+        if not self.res:
+            raise SourceError(f"{self.spec}: the uvit crop needs the crop size (set source.res)")
+        return Image.fromarray(uvit_center_crop(img, self.res))
 
     def describe(self, key: int) -> str:
         return self.paths[key]
@@ -81,6 +91,17 @@ class CaptionedSource(Source):
         lst = self.listing()
         return {"kind": type(self).__name__, "num_rows": len(lst), "bytes": sum(max(0, s) for _, s in lst),
                 "sha256": listing_sha256(lst), "captions_sha256": _captions_sha256(self.caps)}
+
+
+def uvit_center_crop(img, size: int) -> np.ndarray:
+    """U-ViT's MS-COCO crop (its datasets.center_crop): the central min-side square of the original (offsets
+    rounded down), then one Lanczos resize to size x size. uint8 (size, size, 3)."""
+    from PIL import Image
+    arr = np.asarray(to_rgb(img))
+    side = min(arr.shape[:2])
+    top, left = (arr.shape[0] - side) // 2, (arr.shape[1] - side) // 2
+    square = Image.fromarray(np.ascontiguousarray(arr[top: top + side, left: left + side]))
+    return np.asarray(square.resize((size, size), Image.LANCZOS), dtype=np.uint8)
 
 
 def _captions_sha256(caps: list[list[str]]) -> str:
@@ -257,14 +278,14 @@ class HFCaptionSource(CaptionedSource):
             src = io.BytesIO(img["bytes"]) if img.get("bytes") is not None else img.get("path")
             if not src:
                 raise SourceError(f"{name}: empty image entry")
-            return self._load(src, name), 0, name
+            return self._crop(self._load(src, name)), 0, name
         if hasattr(img, "convert"):
-            return to_rgb(img), 0, name
+            return self._crop(to_rgb(img)), 0, name
         arr = np.asarray(img)
         if arr.dtype != np.uint8:
             raise SourceError(f"{name}: image column holds {arr.dtype} arrays; expected uint8 images")
         from PIL import Image
-        return to_rgb(Image.fromarray(arr)), 0, name
+        return self._crop(to_rgb(Image.fromarray(arr))), 0, name
 
 
 def is_captioned_spec(spec: str, caption_column: str | None = None) -> bool:
@@ -296,14 +317,18 @@ def open_captioned_source(opts) -> "CaptionedSource | None":
     Text options given for a class-labelled source are refused (they would be silently ignored)."""
     text_encoder, caption_column, max_captions = _text_options(opts)
     if not is_captioned_spec(opts.source, caption_column):
-        if text_encoder or max_captions:
-            raise SourceError(f"--text-encoder/--max-captions need a captioned source (coco:DIR, captions:DIR or "
+        if text_encoder or max_captions or getattr(opts, "caption_crop", None):
+            raise SourceError(f"--text-encoder/--max-captions/--caption-crop need a captioned source (coco:DIR, captions:DIR or "
                               f"hf:NAME --caption-column COL), not {opts.source!r}")
         return None
     if max_captions is not None and int(max_captions) < 1:
         raise SourceError(f"--max-captions must be >= 1, got {max_captions}")
     source = _open_captioned(opts)
     source.res = getattr(opts, "res", None)  # decode checks the ADM resize size first, as open_source does
+    crop = getattr(opts, "caption_crop", None) or "adm"
+    if crop not in ("adm", "uvit"):
+        raise SourceError(f"--caption-crop must be adm or uvit, got {crop!r}")
+    source.crop = crop
     return source
 
 

@@ -225,7 +225,7 @@ def _finalize(opts, source, n, out, plan, models, fields) -> dict:
     skipped = _check_complete(out, plan, so)
     vae_prov, teacher_prov = models.provenance()
     provenance = {
-        "source": opts.source, "resolution": opts.res, "crop": "adm", "vae": vae_prov,
+        "source": opts.source, "resolution": opts.res, "crop": getattr(source, "crop", "adm"), "vae": vae_prov,
         "latent_size": int(fields["moments"].shape[-1]), "teachers": teacher_prov,
         "num_classes": int(source.num_classes), "flip": bool(opts.flip),
         "haste": ({"teacher": 0, "start_block": models.haste_block,

@@ -46,6 +46,9 @@ class Options:
                                     "clip-vit-L | HF id | local CLIPTextModel folder [default: clip-vit-L].")
     max_captions: int | None = flag(None, "Captioned sources: text.<k> slots per record [default: 5, MS-COCO's].",
                                     type=int)
+    caption_crop: str | None = flag(None, "Captioned sources: adm (default) or uvit (U-ViT's MS-COCO crop: central "
+                                    "square + one Lanczos resize, as the official t2i features).",
+                                    choices=("adm", "uvit"))
     streaming: bool | None = flag(None, "HF sources: stream instead of downloading [default: stream for imagenet "
                                   "only].", type=bool)
     num_classes: int | None = flag(None, "Override the number of classes.", type=int)
@@ -83,7 +86,8 @@ class Options:
 FINGERPRINT = ("source", "res", "data_dir", "split", "image_column", "label_column", "streaming",
                "num_classes", "vae", "enc_type", "precision", "vae_precision", "feature_codec", "flip",
                "haste", "shard_size", "seed", "limit", "exif_transpose")
-TEXT_FINGERPRINT = ("caption_column", "text_encoder", "max_captions")  # recorded only when set (older runs lack them)
+# recorded only when set, so the settings of runs made before these flags existed still match
+TEXT_FINGERPRINT = ("caption_column", "text_encoder", "max_captions", "caption_crop")
 
 
 def default_out(source: Source, res: int) -> str:

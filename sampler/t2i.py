@@ -71,10 +71,12 @@ def prompts_from_set(set_dir: str, num: int | None = None, storage_options=None,
 
 
 def reference_batch(source, res: int, out_npz: str, keys=None) -> str:
-    """ADM-style reference .npz of a captioned source's images (ADM center crop at ``res``), in key order
-    (or the given ``keys``): the real-image side of an FID on e.g. MS-COCO val2014 at 256."""
+    """ADM-style reference .npz of a captioned source's images at ``res`` (its crop: ADM, or U-ViT's when
+    ``source.crop == "uvit"``), in key order (or the given ``keys``): the real side of an MS-COCO val FID."""
     from repa.preprocess.crop import adm_center_crop
     keys = list(range(len(source))) if keys is None else [int(k) for k in keys]
+    if getattr(source, "res", None) is None:
+        source.res = res  # a source with crop "uvit" crops to res itself; the ADM crop is then the identity
 
     def image(i):
         img, _, _ = source.decode(source.get(keys[i]))

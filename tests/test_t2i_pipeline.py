@@ -133,3 +133,29 @@ def test_hf_caption_column_errors(tmp_path):
         HFCaptionSource(src, f"hf:{src}", "text")
     with pytest.raises(SourceError, match=r"column 'caption' not found .*pass --caption-column"):
         HFCaptionSource(src, f"hf:{src}", "caption")
+
+
+def test_caption_crop_uvit_is_uvits_center_crop(tmp_path, clip):
+    from PIL import Image
+    from repa.preprocess.captions import uvit_center_crop
+    from repa.preprocess.crop import adm_center_crop
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8))  # 40 wide, 24 high
+    want = np.asarray(Image.fromarray(np.asarray(img)[:, 8:32]).resize((16, 16), Image.LANCZOS))
+    got = uvit_center_crop(img, 16)
+    assert np.array_equal(got, want)
+    assert np.array_equal(adm_center_crop(Image.fromarray(got), 16), got)  # the pipeline's crop is then a no-op
+    root = tmp_path / "set"
+    root.mkdir()
+    img.save(root / "a.png")
+    (root / "captions.jsonl").write_text(json.dumps({"file": "a.png", "captions": ["a red circle"]}) + "\n")
+    out = tmp_path / "out"
+    run(_opts(f"captions:{root}", out, clip, caption_crop="uvit"), echo=lambda m: None)
+    m = read_manifest(str(out))
+    assert m.provenance["crop"] == "uvit"
+    rec = next(iter(ShardStream(str(out), 1, shuffle=False)))
+    pixels = rec["moments"][0, :3].permute(1, 2, 0).numpy()  # --vae none: moments = [image in [-1, 1] | 0]
+    assert np.allclose(pixels, want.astype(np.float32) / 127.5 - 1, atol=1e-6)
+    with pytest.raises(Exception, match="need a captioned source"):
+        run(_opts("digits", tmp_path / "d", None, text_encoder=None, max_captions=None, caption_crop="uvit"),
+            echo=lambda m: None)
