@@ -299,6 +299,7 @@ def plot_alignment(rows: list[dict], title: str):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     has_probe = any(r["linear_probe_acc"] is not None for r in rows)
     fig, axes = plt.subplots(1, 2 if has_probe else 1, figsize=(9 if has_probe else 5, 3.6), squeeze=False)
@@ -317,6 +318,7 @@ def plot_alignment(rows: list[dict], title: str):
         if key == "linear_probe_acc" and teacher:
             ax.axhline(teacher[0][key], color="k", ls=":", lw=1, label="teacher features")
         ax.set_xlabel("SiT block (star: projector output at the REPA tap)")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -67,8 +67,9 @@ def plot_losses(metrics_path: str, out_png: str) -> str:
     return out_png
 
 
-def class_grid(npz_path: str, out_png: str, per_class: int = 10, scale: int = 2) -> str:
-    """One row per class (the first ``per_class`` samples of each label), upscaled ``scale``x (nearest)."""
+def class_grid(npz_path: str, out_png: str, per_class: int = 10, scale: int | None = None) -> str:
+    """One row per class (the first ``per_class`` samples of each label), upscaled ``scale``x (nearest;
+    default: to at least 64 px per tile)."""
     from repa.sampler.npz import make_grid, save_png
 
     with np.load(npz_path) as d:
@@ -83,6 +84,7 @@ def class_grid(npz_path: str, out_png: str, per_class: int = 10, scale: int = 2)
         row = list(images[labels == k][:per_class])
         tiles += row + [blank] * (per_class - len(row))
     grid = make_grid(np.stack(tiles), nrow=per_class)
+    scale = max(1, 64 // h) if scale is None else scale
     if scale > 1:
         grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
     save_png(out_png, grid)
