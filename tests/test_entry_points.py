@@ -27,7 +27,7 @@ def test_entry_point_exit_status_is_zero(name, monkeypatch):
     assert entry() in (0, None)
 
 
-@pytest.mark.parametrize("module", ["repa.sampler", "repa.sampler.sample_cli", "repa.sampler.eval_cli"])
+@pytest.mark.parametrize("module", ["repa.sampler", "repa.sampler.eval_cli"])
 def test_sampler_modules_run_as_commands(module):
     """``python -m`` (what torchrun -m runs) reaches the same click commands (-h exits 0)."""
     import subprocess

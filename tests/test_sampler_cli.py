@@ -96,6 +96,3 @@ def test_console_script_exit_status_and_stdout(ckpt, tmp_path):
                          text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip().splitlines()[-1].endswith(".npz")
-    res = subprocess.run([exe, "--ckpt", ckpt, "--sample-dir", str(tmp_path), *ARGS, "--guidance-low", "2"],
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode != 0 and "--guidance-low" in res.stderr and "Traceback" not in res.stderr
