@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bench.digits_judge import DigitsCNN, Judge, frechet_distance, gaussian_stats
-from bench.repa_effect import steps_ratio, steps_to_reach
+from bench.repa_effect import bootstrap_ratio, gap_interval, parse_args, steps_ratio, steps_to_reach, t_interval
 
 
 def test_frechet_distance_closed_forms():
@@ -66,6 +66,35 @@ def test_steps_ratio_both_directions():
     assert faster["ratio"] == pytest.approx(400 / 200) and faster["direction"] == "repa reaches vanilla"
     slower = steps_ratio(steps, vanilla=[9, 6, 5, 4], repa=[10, 8, 7, 6])
     assert slower["ratio"] == pytest.approx(200 / 400) and slower["ratio"] < 1
+
+
+def test_intervals_of_the_study():
+    mean, lo, hi = t_interval([[1.0, 2.0], [3.0, 4.0], [2.0, 3.0]])
+    # mean 2, 3; sd 1; t(0.975, 2) = 4.3027 -> half width 4.3027 / sqrt(3) = 2.4841
+    assert mean.tolist() == [2.0, 3.0] and lo[0] == pytest.approx(2 - 2.48414, abs=1e-4)
+    assert hi[1] == pytest.approx(3 + 2.48414, abs=1e-4)
+    g = gap_interval([3.0, 4.0, 5.0], [1.0, 2.0, 3.0])  # Welch: se = sqrt(2/3), df = 4, t = 2.7764
+    assert g["gap"] == 2.0 and g["ci"][0] == pytest.approx(2 - 2.7764 * (2 / 3) ** 0.5, abs=1e-3)
+    steps = [1, 2, 3, 4, 5, 6]
+    vanilla = [[6, 5, 4, 3, 2, 1.0], [6, 5, 4, 3, 2.2, 1.2], [6, 5, 4, 3, 2, 0.9]]
+    repa = [[5, 3, 1, .8, .7, .6], [5, 3.2, 1.1, .8, .7, .6], [5, 3, 1, .9, .7, .5]]
+    point = steps_ratio(steps, np.mean(vanilla, 0), np.mean(repa, 0))["ratio"]
+    lo, hi = bootstrap_ratio(steps, vanilla, repa, n=300)
+    assert point == pytest.approx(2.0) and 1.5 < lo <= point <= hi < 2.2
+    assert bootstrap_ratio(steps, vanilla, repa, n=300) == [lo, hi]  # seeded
+
+
+def test_study_flags_refuse_unfair_settings(capsys):
+    for argv, msg in ((["--lrs", "1e-3,2e-3"], "--lrs needs >= 3 values"),
+                      (["--tune-seed", "1"], "--tune-seed 1 is a reported seed"),
+                      (["--steps", "500", "--eval-every", "100"], "the curves need >= 6 checkpoints"),
+                      (["--res", "40"], "--res 40: must be a multiple of 16"),
+                      (["--proj-coeff", "0"], "--proj-coeff must be > 0")):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        assert msg in capsys.readouterr().err
+    args = parse_args(["--quick"])
+    assert args.steps // args.eval_every >= 6 and len(args.lr_list) >= 3 and len(args.seed_list) >= 3
 
 
 def test_demo_figures(tmp_path):
