@@ -10,7 +10,8 @@ official ``samplers_t2i.py`` arithmetic (batch doubled as [x, x] with [context, 
 Outputs in ``--sample-dir``: ``<name>/<index:06d>.png``, ``<name>.npz`` (ADM ``arr_0``), and
 ``<name>/prompts.json`` (index -> prompt, plus the record key for --prompts-from). Sample i's initial noise
 (and SDE noise) derive from (seed, i) only, so output does not depend on the batch size, and a rerun skips
-PNGs already written (the folder's prompts.json and settings must match).
+PNGs already written. The folder is claimed as repa-sample does (a lock against a second writer; a folder
+of other prompts or settings, or not made by repa-sample, is refused).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import os
 import numpy as np
 import torch
 
-from .generate import STREAM_SDE, initial_noise, sample_generator
+from .generate import STREAM_SDE, DistInfo, initial_noise, prepare_folder, sample_generator
 from .npz import atomic_write_bytes, read_png, save_png, write_images_npz
 from .solvers import euler_maruyama_sampler, euler_sampler
 
@@ -143,17 +144,11 @@ def _text_encoder_spec(config: dict, override: str | None) -> str:
     return spec
 
 
-def _folder_index(folder: str, index: dict) -> None:
-    """Write prompts.json, or check that an existing one (a resumed run) matches."""
+def _write_index(folder: str, index: dict) -> None:
+    """prompts.json: index -> prompt (and record key); the folder's claim record holds the same identity."""
     path = os.path.join(folder, "prompts.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            if json.load(f) != index:
-                raise ValueError(f"{folder} holds samples of other prompts/settings ({path}); choose another "
-                                 "--sample-dir or delete it")
-        return
-    os.makedirs(folder, exist_ok=True)
-    atomic_write_bytes(path, json.dumps(index, indent=1).encode())
+    if not os.path.isfile(path):
+        atomic_write_bytes(path, json.dumps(index, indent=1).encode())
 
 
 def run_t2i(ckpt: str, prompts: list[str], sample_dir: str, *, keys=None, text_encoder: str | None = None,
@@ -176,22 +171,34 @@ def run_t2i(ckpt: str, prompts: list[str], sample_dir: str, *, keys=None, text_e
     index = {"ckpt": os.path.abspath(ckpt), "settings": settings,
              "prompts": {str(i): ({"prompt": p, "key": int(keys[i])} if keys is not None else p)
                          for i, p in enumerate(prompts)}}
-    _folder_index(folder, index)
+    # repa-sample's folder claim: a lock against a second writer, refusal of foreign folders and of other
+    # prompts/settings, removal of a killed run's temp files
+    lock = prepare_folder(folder, index, DistInfo(device=torch.device(device)))
+    try:
+        _write_index(folder, index)
+        _sample_missing(model, encoder, empty, decoder, prompts, folder, settings, seed, batch_size, device,
+                        (kw["in_channels"], kw["input_size"], kw["input_size"]))
+        first = read_png(os.path.join(folder, "000000.png"))
+        return write_images_npz(f"{folder}.npz", len(prompts), first.shape,
+                                lambda i: read_png(os.path.join(folder, f"{i:06d}.png")))
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _sample_missing(model, encoder, empty, decoder, prompts, folder, settings, seed, batch_size, device, shape):
+    """Sample and save every prompt whose PNG is not in ``folder`` yet, in batches."""
     todo = [i for i in range(len(prompts)) if not os.path.isfile(os.path.join(folder, f"{i:06d}.png"))]
-    shape = (kw["in_channels"], kw["input_size"], kw["input_size"])
     for start in range(0, len(todo), batch_size):
         idx = todo[start: start + batch_size]
         ctx = encoder.encode([prompts[i] for i in idx]).to(device)
-        gens = [sample_generator(seed, i, STREAM_SDE) for i in idx] if mode == "sde" else None
+        gens = [sample_generator(seed, i, STREAM_SDE) for i in idx] if settings["mode"] == "sde" else None
         z = sample_t2i(model, ctx, empty, initial_noise(idx, seed, shape).to(device),
                        noise_generators=gens, **{k: settings[k] for k in
                                                  ("mode", "num_steps", "cfg_scale", "guidance_low", "guidance_high",
                                                   "heun", "path_type")})
         for i, img in zip(idx, decoder(z.float())):
             save_png(os.path.join(folder, f"{i:06d}.png"), img)
-    first = read_png(os.path.join(folder, "000000.png"))
-    return write_images_npz(f"{folder}.npz", len(prompts), first.shape,
-                            lambda i: read_png(os.path.join(folder, f"{i:06d}.png")))
 
 
 def _default_decoder(config: dict, device):

@@ -97,8 +97,13 @@ def test_run_t2i_pngs_npz_index_and_resume(tmp_path):
     os.remove(folder / "000002.png")
     run_t2i(ckpt, prompts, str(tmp_path / "samples"), num_steps=3, cfg_scale=2.0, batch_size=1, name="run")
     assert np.array_equal(load_images_npz(npz, mmap=False), images)
-    with pytest.raises(ValueError, match="holds samples of other prompts/settings"):
+    with pytest.raises(ValueError, match="holds samples made with different settings"):
         run_t2i(ckpt, prompts[:2], str(tmp_path / "samples"), num_steps=3, cfg_scale=2.0, name="run")
+    os.makedirs(tmp_path / "samples" / "foreign")
+    (tmp_path / "samples" / "foreign" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds files not written by repa-sample"):  # never writes into it
+        run_t2i(ckpt, prompts, str(tmp_path / "samples"), num_steps=3, name="foreign")
+    assert os.listdir(tmp_path / "samples" / "foreign") == ["notes.txt"]
     # CFG against the empty caption changes the sample
     other = run_t2i(ckpt, prompts, str(tmp_path / "samples"), num_steps=3, cfg_scale=1.0, name="nocfg")
     assert not np.array_equal(load_images_npz(other, mmap=False), images)
