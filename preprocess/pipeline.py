@@ -83,7 +83,7 @@ def _take_output(out: str, opts: Options, fp: dict, listing, dist: Dist, echo) -
             if not isinstance(e, PreprocessError):
                 raise
             err = e
-    if not dist.broadcast_ok(err is None):
+    if not dist.all_ok(err is None):
         raise err or PreprocessError(f"rank 0 refused to write into {out}; see its error message")
     return lock, record
 
@@ -95,7 +95,7 @@ def _resume_plan(out, plan, fields, opts: Options, dist: Dist, echo) -> list[int
     from .resume import repair
     so = opts.storage_options
     done = completed_shards(out, storage_options=so)
-    own = {shard_name(j) for j in range(len(plan)) if j % dist.world == dist.rank}
+    own = {shard_name(j) for j in range(len(plan)) if j % dist.world_size == dist.rank}
     if done:
         repair(out, {k: v for k, v in done.items() if k in own}, fields, so, echo,
                progress=opts.progress and dist.rank == 0, quick=not opts.verify)
@@ -134,7 +134,7 @@ def run(opts: Options, echo: Callable[[str], None] = print) -> dict:
         mine = _resume_plan(out, plan, fields, opts, dist, echo)
         dist.barrier()
         summary = _pass(opts, source, n, out, plan, mine, models, fields, device, dist, echo)
-        if not dist.broadcast_ok(summary["stopped"] is None):  # every rank agrees: no manifest if any stopped
+        if not dist.all_ok(summary["stopped"] is None):  # every rank agrees: no manifest if any stopped
             summary["stopped"] = summary["stopped"] or "a signal on another rank"
         summary["seconds"] = time.time() - t0
         if dist.rank == 0 and not summary["stopped"]:

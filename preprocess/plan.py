@@ -5,11 +5,12 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Callable
 
 import numpy as np
 import torch
+
+from repa.shards import dist as _dist
 
 from .crop import check_resolution
 from .resume import PreprocessError
@@ -108,39 +109,14 @@ def shard_plan(n: int, shard_size: int, *, shuffle: bool, seed: int) -> list[np.
 # ----------------------------------------------------------------------------------------------------------
 # distributed context
 
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    def barrier(self):
-        if self.world > 1 and torch.distributed.is_initialized():
-            torch.distributed.barrier()
-
-    def broadcast_ok(self, ok: bool) -> bool:
-        """True on every rank iff every rank's `ok` is True (used to stop all ranks on a setup error)."""
-        if self.world == 1 or not torch.distributed.is_initialized():
-            return ok
-        t = torch.tensor([0 if ok else 1], dtype=torch.int64)
-        if torch.distributed.get_backend() == "nccl":
-            t = t.cuda()
-        torch.distributed.all_reduce(t)
-        return int(t.item()) == 0
+# one distributed context for every stage (repa.shards.dist); ranks finish their shards at different times,
+# so its default process-group timeout (24 h) lets the final barrier wait for hours
+Dist = _dist.DistContext
 
 
 def init_dist() -> Dist:
     """RANK/WORLD_SIZE from torchrun or `accelerate launch`; start a process group when world > 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(local_rank)
-        # ranks finish their shards at different times: the final barrier may wait for hours
-        torch.distributed.init_process_group(backend, timeout=timedelta(hours=24))
-    return Dist(rank, world, local_rank)
+    return _dist.init()
 
 
 def _settings(opts: Options) -> dict:

@@ -33,6 +33,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from repa.shards import dist as _dist
+
 from .npz import atomic_write_bytes, is_temp_name, make_grid, read_png, save_png, write_images_npz
 from .solvers import euler_maruyama_sampler, euler_sampler
 
@@ -141,36 +143,28 @@ class DistInfo:
 def init_distributed(device: str | None = None) -> DistInfo:
     """Join the process group set up by torchrun / accelerate launch (env RANK, WORLD_SIZE), if any.
 
-    gloo on CPU, nccl on CUDA; each process uses cuda:LOCAL_RANK when CUDA is available.
+    The group comes from the one distributed context of every stage (``repa.shards.dist``): nccl on CUDA,
+    gloo on CPU; each process uses cuda:LOCAL_RANK when CUDA is available.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    env = _dist.from_env()
     if device is None:
-        dev = torch.device(f"cuda:{local % torch.cuda.device_count()}") if torch.cuda.is_available() else \
+        dev = torch.device(f"cuda:{env.local_rank % torch.cuda.device_count()}") if torch.cuda.is_available() else \
             torch.device("cpu")
     else:
         dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    info = DistInfo(rank, world, local, dev)
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-        info.initialized_here = True
-    return info
+    started = env.world_size > 1 and not torch.distributed.is_initialized()
+    _dist.init(backend="nccl" if dev.type == "cuda" else "gloo")
+    return DistInfo(env.rank, env.world_size, env.local_rank, dev, initialized_here=started)
 
 
 def barrier(info: DistInfo) -> None:
-    if info.world > 1 and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    _dist.context().barrier()
 
 
 def _broadcast(obj, info: DistInfo):
-    if info.world == 1:
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
+    return _dist.context().broadcast(obj)
 
 
 def png_path(folder: str, index: int) -> str:
