@@ -23,13 +23,12 @@ import io
 import json
 import os
 import re
-from typing import Any
 
 import numpy as np
 import torch
 
 from .crop import to_rgb
-from .sources import Source, SourceError, image_extensions, listing_sha256
+from .sources import Source, SourceError, list_images, listing_sha256, read_file
 
 __all__ = ["CaptionedSource", "COCOSource", "CaptionsFolderSource", "HFCaptionSource", "TextStage",
            "open_text_stage", "open_captioned_source", "text_stage_for", "is_captioned_spec", "uvit_center_crop",
@@ -59,7 +58,9 @@ class CaptionedSource(Source):
     crop: str = "adm"  # "uvit": U-ViT's crop here, so the pipeline's ADM crop of a res x res image is the identity
 
     def decode(self, record):
-        return self._crop(self._load(record, record)), 0, record  # size limits checked on the header first
+        # bounded read (special files refused, stalled reads time out), then the header size limits
+        data = io.BytesIO(read_file(record, self._limits()))
+        return self._crop(self._load(data, record)), 0, record
 
     def _crop(self, img):
         if self.crop != "uvit":
@@ -116,13 +117,12 @@ def _check_captions(spec: str, where: str, names: list[str], caps: list[list[str
 
 
 def _image_files(root: str) -> set[str]:
-    exts, found = image_extensions(), set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames.sort()
-        for fn in filenames:
-            if os.path.splitext(fn)[1].lower() in exts:
-                found.add(os.path.relpath(os.path.join(dirpath, fn), root).replace(os.sep, "/"))
-    return found
+    """Image files under ``root`` as relative paths: the image-folder walk (each directory and file once, so a
+    symlink loop cannot repeat images), plus files named like images that are not regular files (refused at
+    read time, naming them)."""
+    lst = list_images(root)
+    paths = list(lst.files) + [p for p, _ in lst.special]
+    return {os.path.relpath(os.path.join(root, p), root).replace(os.sep, "/") for p in paths}
 
 
 def _match_files(spec: str, root: str, listed: list[str], where: str) -> None:

@@ -205,3 +205,17 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_captions_folder_with_a_symlink_loop_and_a_fifo(tmp_path):
+    """The captioned walk is the image-folder walk: a loop (``sub/up -> ..``) repeats no image; a FIFO named
+    like a captioned image is refused naming it, never opened for a blocking read."""
+    root = make_captions_folder(str(tmp_path / "set"))
+    os.symlink("..", os.path.join(root, "sub", "up"))
+    src = CaptionsFolderSource(root, "captions:set")
+    assert len(src) == 6 and len(set(src.paths)) == 6  # the loop added nothing (before: the check saw repeats)
+    os.remove(os.path.join(root, "img002.png"))
+    os.mkfifo(os.path.join(root, "img002.png"))
+    src = CaptionsFolderSource(root, "captions:set")
+    with pytest.raises(SourceError, match="img002.png"):
+        src.decode(src.get(1))
