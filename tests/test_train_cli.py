@@ -110,3 +110,22 @@ def test_cli_conventions(tmp_path):
     assert r.exit_code == 0, r.output
     log = open(os.path.join(out, "cli", "log.txt")).read()
     assert f"resuming from {os.path.join(out, 'cli', 'checkpoints', '0000002')} (step 2)" in log
+
+
+def test_official_train_flags_are_accepted_and_checked(tmp_path):
+    """The official train.py command pastes with one edit: --enc-type/--resolution/--num-classes are checked
+    against the shard set, --epochs stops the run as the official loop does, --legacy is refused."""
+    shards = write_shards(str(tmp_path / "s"), n=48)       # 48 records, 10 classes, 64 px, teacher test-teacher-0
+    official = ["--enc-type=test-teacher-0", "--resolution=64", "--num-classes=10", "--path-type=linear",
+                "--prediction=v", "--weighting=uniform", "--proj-coeff=0.5", "--seed=0", "--report-to=none"]
+    r = CliRunner().invoke(main, _args(shards, str(tmp_path / "o"), *official, "--epochs=1",
+                                       "--checkpointing-steps", "100"))
+    assert r.exit_code == 0, r.output
+    steps = [m["step"] for m in read_jsonl(str(tmp_path / "o" / "cli" / "metrics.jsonl"))]
+    assert steps == [1, 2, 3, 4, 5, 6]                      # one epoch = 48 // 8 steps
+    for bad, needle in ((["--enc-type=dinov2-vit-b"], "--enc-type dinov2-vit-b"), (["--resolution=256"],
+                        "--resolution 256"), (["--num-classes=1000"], "--num-classes 1000"), (["--legacy"],
+                        "--legacy")):
+        r = CliRunner().invoke(main, _args(shards, str(tmp_path / "bad"), *bad))
+        assert r.exit_code == 2 and needle in r.output, r.output
+    assert not os.path.exists(tmp_path / "bad")             # refused before any work

@@ -13,8 +13,10 @@ import sys
 
 import click
 
-from repa.trainer.guards import ConfigError
-from repa.trainer.train import BadRecordError, NonFiniteLossError, TrainConfig, _version, train
+from repa.shards.lock import LockHeld
+from repa.shards import read_manifest
+from repa.trainer.guards import ConfigError, epochs_to_steps, official_flags
+from repa.trainer.train import BadRecordError, NonFiniteLossError, TrainConfig, _version, resolve_shards, train
 
 D = TrainConfig()  # defaults live in one place
 
@@ -94,6 +96,14 @@ def _json_dict(ctx, param, value):
 @click.option("--haste/--no-haste", default=None, help="HASTE attention alignment (default: on iff the shards "
               "were written with repa-preprocess --haste).")
 @click.option("--attn-coeff", type=float, default=D.attn_coeff)
+@click.option("--enc-type", default=None, help="Official flag, checked: the teachers are those the shards were "
+              "preprocessed with (repa-preprocess --enc-type).")
+@click.option("--resolution", type=int, default=None, help="Official flag, checked against the shard set.")
+@click.option("--num-classes", type=int, default=None, help="Official flag, checked against the shard set.")
+@click.option("--epochs", type=int, default=None, help="Official flag: stop after this many epochs of the shard "
+              "set or at --max-train-steps, whichever comes first.")
+@click.option("--legacy/--no-legacy", default=False, help="Official flag: the double label dropout; refused "
+              "(--cfg-prob is applied once).")
 @click.option("--early-stop-point", type=int, default=D.early_stop_point,
               help="HASTE: first step without any alignment (no teacher data is read from then on).")
 def main(**kwargs):
@@ -103,14 +113,20 @@ def main(**kwargs):
     command to continue); 1 the run failed (non-finite loss, corrupt record, disk full, experiment locked by
     another run); 2 a flag or input was refused before any work.
     """
-    from repa.shards.lock import LockHeld
     kwargs["compile"] = kwargs.pop("compile_")
     step = kwargs.pop("resume_step")
     if step is not None:
         kwargs["resume"] = os.path.join(kwargs["output_dir"], kwargs["exp_name"], "checkpoints", f"{step:07d}")
-    cfg = TrainConfig(**kwargs)
+    official = {k: kwargs.pop(k) for k in ("enc_type", "resolution", "num_classes", "legacy")}
+    epochs = kwargs.pop("epochs")
     try:
-        train(cfg)
+        if any(v for v in official.values()) or epochs is not None:
+            manifest = read_manifest(resolve_shards(kwargs["shards"], kwargs["storage_options"]),
+                                     kwargs["storage_options"])
+            official_flags(manifest, **official)
+            kwargs["max_train_steps"] = epochs_to_steps(kwargs["max_train_steps"], epochs, manifest.num_records,
+                                                        kwargs["batch_size"])
+        train(TrainConfig(**kwargs))
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
     except (NonFiniteLossError, BadRecordError, LockHeld) as e:

@@ -10,6 +10,8 @@ import math
 import os
 import tempfile
 
+from repa.trainer.models import SiT
+
 
 class ConfigError(ValueError):
     """A flag or input that cannot work; found before any training work (CLI exit code 2)."""
@@ -74,7 +76,6 @@ def check_exp_name(name: str) -> None:
 
 
 def check_model_kwargs(kwargs: dict) -> None:
-    from repa.trainer.models import SiT
     known = [p for p in inspect.signature(SiT.__init__).parameters if p != "self"]
     unknown = sorted(set(kwargs) - set(known))
     if unknown:
@@ -116,3 +117,32 @@ def check_writable(folder: str, what: str) -> None:
     except OSError as e:
         raise ConfigError(f"{what} {folder} is not writable ({e.strerror or e}); fix its permissions or mount, "
                           f"or pass another --output-dir") from None
+
+
+def official_flags(manifest, *, enc_type=None, resolution=None, num_classes=None, legacy=False) -> None:
+    """The official ``train.py`` flags that the shard set already decides (docs/reference.md §9.1): accepted so
+    an official command can be pasted, and checked against the manifest instead of being ignored."""
+    if legacy:
+        raise ConfigError("--legacy (the official double label dropout, effective rate 0.19) is not supported: "
+                          "--cfg-prob is applied once, inside the model; drop --legacy (docs/reference.md §2.6)")
+    prov = manifest.provenance
+    if enc_type is not None:
+        have = [t.get("name") for t in prov.get("teachers") or []]
+        want = [e.strip() for e in enc_type.split(",") if e.strip()]
+        if want != have:
+            raise ConfigError(f"--enc-type {enc_type}: the shard set was preprocessed with teachers {have}; the "
+                              "features are cached, so preprocess again with --enc-type to change them")
+    for flag, value, key in (("--resolution", resolution, "resolution"), ("--num-classes", num_classes,
+                                                                          "num_classes")):
+        if value is not None and int(value) != int(prov.get(key, -1)):
+            raise ConfigError(f"{flag} {value}: the shard set has {key} {prov.get(key)}; this comes from the "
+                              "shards (repa-preprocess), drop the flag or point --shards at another set")
+
+
+def epochs_to_steps(max_train_steps: int, epochs: int | None, num_records: int, batch_size: int) -> int:
+    """The official loop stops at ``--epochs`` or ``--max-train-steps``, whichever comes first."""
+    if epochs is None:
+        return max_train_steps
+    if epochs < 1:
+        raise ConfigError(f"--epochs {epochs}: must be >= 1")
+    return max(1, min(max_train_steps, epochs * (num_records // batch_size)))
