@@ -196,7 +196,7 @@ def _first_line(err: BaseException, limit: int = 300) -> str:
 
 
 def download_file(url: str, dest: str, *, sha256: str | None = None, hash_prefix: str | None = None,
-                  what: str = "file", local_hint: str = "") -> str:
+                  what: str = "file", local_hint: str = "", timeout: float = 60.0) -> str:
     """Download ``url`` to ``dest`` atomically and check its SHA-256 (full ``sha256`` or a ``hash_prefix``).
 
     ``torch.hub.download_url_to_file`` writes a temp file beside ``dest``, compares the digest's first
@@ -206,12 +206,16 @@ def download_file(url: str, dest: str, *, sha256: str | None = None, hash_prefix
     import torch.hub  # torch is a dependency of every stage; imported here to keep this module light
 
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    before = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout)  # download_url_to_file's urlopen takes no timeout: bound each socket read
     try:
         torch.hub.download_url_to_file(url, dest, hash_prefix=(sha256 or hash_prefix), progress=False)
     except Exception as err:  # noqa: BLE001 - every failure becomes one message naming the file and the fix
         raise ModelDownloadError(f"Could not download {what} from {url} to {dest}: {type(err).__name__}: "
                                  f"{_first_line(err)}. Download it by hand and {local_hint or f'put it at {dest}'}."
                                  ) from err
+    finally:
+        socket.setdefaulttimeout(before)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(dest, 0o666 & ~umask)  # download_url_to_file's NamedTemporaryFile is 0600

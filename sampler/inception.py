@@ -29,11 +29,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from repa.preprocess.hub import ModelDownloadError, download_file
+from repa.preprocess.hub import cache_dir as repa_cache_dir
+
 __all__ = ["FIDInceptionV3", "load_fid_inception", "tf_resize_bilinear", "FID_WEIGHTS_URL", "FID_WEIGHTS_NAME",
            "InceptionWeightsError"]
 
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{FID_WEIGHTS_NAME}"
+FID_WEIGHTS_SHA256_PREFIX = "6726825d"  # the first hex digits of the file's SHA-256, as its name says
 SPATIAL_CHANNELS = 7
 
 
@@ -235,7 +239,7 @@ class FIDInceptionV3(nn.Module):
 
 def _candidates(cache_dir: str | None) -> list[str]:
     dirs = [cache_dir] if cache_dir else []
-    dirs.append(os.environ.get("REPA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "repa"))
+    dirs.append(repa_cache_dir())
     dirs.append(os.path.join(torch.hub.get_dir(), "checkpoints"))
     return [os.path.join(d, FID_WEIGHTS_NAME) for d in dirs]
 
@@ -256,19 +260,11 @@ def load_fid_inception(weights: str | None = None, device="cpu", cache_dir: str 
         dest = _candidates(cache_dir)[0]
         if not download:
             raise InceptionWeightsError(_missing_message("no local file", dest))
-        import urllib.request
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        tmp = f"{dest}.part{os.getpid()}"
-        try:
-            with urllib.request.urlopen(FID_WEIGHTS_URL, timeout=timeout) as r, open(tmp, "wb") as f:
-                while chunk := r.read(1 << 22):
-                    f.write(chunk)
-            os.replace(tmp, dest)
-        except OSError as e:
+        try:  # the hash prefix is the one in the file's name (pytorch-fid's convention)
+            download_file(FID_WEIGHTS_URL, dest, hash_prefix=FID_WEIGHTS_SHA256_PREFIX, what="the FID Inception weights",
+                          timeout=timeout)
+        except ModelDownloadError as e:
             raise InceptionWeightsError(_missing_message(f"download failed: {e}", dest)) from None
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
         path = dest
     if not os.path.isfile(path):
         raise InceptionWeightsError(_missing_message(f"--inception-weights {path}: no such file", path))

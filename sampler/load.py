@@ -31,9 +31,12 @@ import os
 import pickle
 import re
 import sys
-import urllib.request
 
 import torch
+
+from repa.preprocess.hub import ModelDownloadError, download_file
+from repa.preprocess.hub import cache_dir as repa_cache_dir
+from repa.trainer.models import SiT, SiT_ARCHS
 
 __all__ = ["load_sampling_model", "safe_torch_load", "infer_sit_kwargs", "CheckpointError", "OFFICIAL_URL",
            "official_checkpoint_path", "state_dict_sha256"]
@@ -43,6 +46,7 @@ OFFICIAL_URL = ("https://www.dl.dropboxusercontent.com/scl/fi/cxedbs4da5ugjq5wg3
                 "?rlkey=8otgrdkno0nd89po3dpwngwcc&st=apcc645o&dl=0")
 OFFICIAL_KWARGS = dict(input_size=32, z_dims=[768], encoder_depth=8, qk_norm=False)  # docs/reference.md §1.2
 _HEADS_BY_WIDTH = {384: 6, 768: 12, 1024: 16, 1152: 16}  # docs/reference.md §1.1
+OFFICIAL_SHA256 = None  # not published by the authors; REPA_OFFICIAL_SHA256 pins one
 
 
 class CheckpointError(ValueError):
@@ -50,7 +54,7 @@ class CheckpointError(ValueError):
 
 
 def _cache_dir(cache_dir: str | None) -> str:
-    return cache_dir or os.environ.get("REPA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "repa")
+    return cache_dir or repa_cache_dir()
 
 
 def official_checkpoint_path(cache_dir: str | None = None) -> str:
@@ -58,22 +62,17 @@ def official_checkpoint_path(cache_dir: str | None = None) -> str:
 
 
 def _download_official(dest: str, timeout: float) -> None:
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    tmp = f"{dest}.part{os.getpid()}"
+    """The released checkpoint, atomically; its SHA-256 is checked when one is known. The authors publish none,
+    so set ``REPA_OFFICIAL_SHA256`` to pin the file you trust; the strict 298-key load checks the layout."""
+    print(f"downloading the official REPA SiT-XL/2 checkpoint to {dest}", file=sys.stderr, flush=True)
     try:
-        print(f"downloading the official REPA SiT-XL/2 checkpoint to {dest}", file=sys.stderr, flush=True)
-        with urllib.request.urlopen(OFFICIAL_URL, timeout=timeout) as r, open(tmp, "wb") as f:
-            while chunk := r.read(1 << 22):
-                f.write(chunk)
-        os.replace(tmp, dest)
-    except OSError as e:  # URLError, timeouts, refused connections are all OSErrors
+        download_file(OFFICIAL_URL, dest, sha256=os.environ.get("REPA_OFFICIAL_SHA256") or OFFICIAL_SHA256,
+                      what="the official REPA SiT-XL/2 checkpoint", timeout=timeout)
+    except ModelDownloadError as e:
         raise CheckpointError(
             f"--ckpt official: could not download the official REPA SiT-XL/2 checkpoint ({e}). Download last.pt "
             f"by hand from {OFFICIAL_URL} (the REPA README's link) and put it at {dest} (or set REPA_CACHE to "
             f"the folder holding last.pt), or pass --ckpt /path/to/last.pt") from e
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def safe_torch_load(path: str):
@@ -140,7 +139,6 @@ def _rename_legacy(sd: dict, encoder_depth: int) -> dict:
 def infer_sit_kwargs(sd: dict, *, model_name: str | None = None, encoder_depth: int | None = None,
                      num_heads: int | None = None, where: str = "checkpoint") -> tuple[str, dict]:
     """SiT constructor kwargs (and a registry name) that reproduce the shapes of state dict ``sd``."""
-    from repa.trainer.models import SiT_ARCHS
 
     try:
         hidden, in_ch, patch, _ = sd["x_embedder.proj.weight"].shape
@@ -188,7 +186,6 @@ def infer_sit_kwargs(sd: dict, *, model_name: str | None = None, encoder_depth: 
 
 
 def _build(kwargs: dict, sd: dict, where: str, fused_attn: bool | None, device):
-    from repa.trainer.models import SiT
 
     kwargs = dict(kwargs)
     if fused_attn is not None:
