@@ -9,12 +9,14 @@ temporary file in the destination folder followed by ``os.replace``.
 from __future__ import annotations
 
 import os
-import re
 import zipfile
 from typing import Callable, Iterable
 
 import numpy as np
 from PIL import Image
+
+from repa.shards import storage
+from repa.trainer.metrics import save_png  # the one PNG writer (atomic); re-exported for the sampler
 
 __all__ = ["save_png", "read_png", "write_images_npz", "load_images_npz", "make_grid", "atomic_write_bytes",
            "is_temp_name",
@@ -23,13 +25,11 @@ __all__ = ["save_png", "read_png", "write_images_npz", "load_images_npz", "make_
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
-_TMP_MARK = ".repa-tmp-"
-
-
 def temp_path(path: str, pid: int | None = None) -> str:
-    """Where ``path`` is written before ``os.replace``: ``.<name>.repa-tmp-<pid>`` in the same folder."""
+    """Where ``path`` is written before the rename: the shards' own temp name (``.<name>.repa-tmp-<pid>-<hex>``)
+    in the same folder."""
     d, name = os.path.split(os.path.abspath(path))
-    return os.path.join(d, f".{name}{_TMP_MARK}{os.getpid() if pid is None else int(pid)}")
+    return os.path.join(d, storage.temp_name(name, pid))
 
 
 def is_temp_name(name: str, of: str | None = None) -> bool:
@@ -38,31 +38,13 @@ def is_temp_name(name: str, of: str | None = None) -> bool:
     ``of``: only temp files of that final name. The pattern is anchored at both ends and carries the
     ``repa-tmp`` mark, so no ordinary user file (``thesis.tmp-2.docx``, ``.bashrc.tmp3``) matches.
     """
-    m = re.fullmatch(r"\.(.+)" + re.escape(_TMP_MARK) + r"\d+", name)
-    return m is not None and (of is None or m.group(1) == of)
+    target = storage.temp_target(name)
+    return target is not None and (of is None or target[0] == of)
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write bytes to ``path`` via a temporary file and ``os.replace``."""
-    tmp = temp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def save_png(path: str, image: np.ndarray) -> None:
-    """Save a uint8 (H, W, 3) array as PNG, atomically (a crash never leaves a truncated PNG behind)."""
-    tmp = temp_path(path)
-    try:
-        Image.fromarray(image).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Write bytes to ``path`` via a temporary file, fsync and rename (``repa.shards.storage.atomic_write``)."""
+    storage.atomic_write(path, data)
 
 
 def read_png(path: str) -> np.ndarray:

@@ -152,9 +152,9 @@ TMP_TAG = ".repa-tmp-"
 _OWN_TMP = re.compile(r"^\.(?P<name>.+)\.repa-tmp-(?P<pid>[0-9]+)-[0-9a-f]{8}$")
 
 
-def temp_name(name: str) -> str:
+def temp_name(name: str, pid: int | None = None) -> str:
     """The temp-file name for ``name`` (a base name): ``.<name>.repa-tmp-<pid>-<8 hex>``."""
-    return f".{name}{TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}"
+    return f".{name}{TMP_TAG}{os.getpid() if pid is None else int(pid)}-{secrets.token_hex(4)}"
 
 
 def is_own_temp(name: str) -> bool:

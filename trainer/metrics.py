@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import math
 import os
@@ -10,6 +11,10 @@ import warnings
 
 import numpy as np
 import torch
+from PIL import Image
+
+from repa.preprocess.vae import load_vae
+from repa.shards import storage
 
 TRACKERS = ("none", "tensorboard", "wandb")
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
@@ -92,13 +97,12 @@ def to_grid(images: torch.Tensor, nrow: int | None = None) -> np.ndarray:
     return ((grid.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
-def save_png(array: np.ndarray, path: str) -> None:
-    """Atomic PNG write."""
-    from PIL import Image
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    Image.fromarray(array).save(tmp)
-    os.replace(tmp, path)
+def save_png(path: str, image: np.ndarray) -> None:
+    """Save a uint8 (H, W, 3) array as PNG atomically (temp + fsync + rename, umask mode): a crash never leaves
+    a truncated PNG under its name. The one PNG writer of the trainer and the sampler."""
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    storage.atomic_write(path, buf.getvalue())
 
 
 class PreviewDecoder:
@@ -121,7 +125,6 @@ class PreviewDecoder:
     def _load(self):
         if self._vae is None and not self._failed:
             try:
-                from repa.preprocess.vae import load_vae
                 self._vae = load_vae(self.vae_id, self.device)
             except Exception as e:  # noqa: BLE001 - a preview must never kill a training run
                 warnings.warn(f"preview grids: cannot load VAE {self.vae_id!r} ({type(e).__name__}: {e}); "
@@ -162,7 +165,7 @@ class Preview:
 
     def __call__(self, ema, path):
         z = euler_preview(ema, self.noise, self.labels, self.steps, self.cfg_scale)
-        save_png(to_grid(self.decode(z)), path)
+        save_png(path, to_grid(self.decode(z)))
 
 
 class RunLog:

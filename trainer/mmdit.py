@@ -30,7 +30,6 @@ modules are built in the official order, so the same seed gives the same weights
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
@@ -38,6 +37,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from repa.shards import ShardStream, storage
+from repa.trainer.metrics import PreviewDecoder, save_png, to_grid
 from repa.trainer.models import TimestepEmbedder, build_mlp, get_2d_sincos_pos_embed
 
 __all__ = ["MMDiT", "MMDIT_ARCHS", "mmdit_config", "build_mmdit", "is_mmdit_name", "CONTEXT_DIM"]
@@ -415,7 +416,6 @@ def _check_empty_context(shards_url: str, cfg, shape) -> None:
 def load_empty_context(shards_url: str, storage_options=None) -> torch.Tensor:
     """The CFG null context (encoding of the empty caption) stored next to the shards, float32 (L, H)."""
     from safetensors.torch import load
-    from repa.shards import storage
     url = storage.join(shards_url, EMPTY_CONTEXT_FILE)
     if storage.size(url, storage_options) is None:
         raise FileNotFoundError(f"{url} is missing: text-to-image shards need the empty-caption context that "
@@ -468,8 +468,6 @@ class T2IPreview:
     """EMA sample grid for t2i runs: fixed noise (own generator) and the first records' caption 0."""
 
     def __init__(self, cfg, model_kwargs, prov, device, shards_url: str, empty: torch.Tensor):
-        from repa.shards import ShardStream
-        from repa.trainer.metrics import PreviewDecoder
         g = torch.Generator().manual_seed(cfg.seed)
         c, s = model_kwargs["in_channels"], model_kwargs["input_size"]
         self.noise = torch.randn(cfg.num_preview, c, s, s, generator=g).to(device)
@@ -483,9 +481,8 @@ class T2IPreview:
         self.decode = PreviewDecoder(prov, device)
 
     def __call__(self, ema, path):
-        from repa.trainer.metrics import save_png, to_grid
         z = euler_t2i(ema, self.noise, self.context, self.empty, self.steps, self.cfg_scale).float()
-        save_png(to_grid(self.decode(z)), path)
+        save_png(path, to_grid(self.decode(z)))
 
 
 class T2IInputs:
