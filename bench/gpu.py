@@ -27,8 +27,6 @@ import time
 import traceback
 from dataclasses import dataclass, field
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # The parent must never initialise CUDA (its sections are child processes): the NVML-based availability check
 # answers torch.cuda.is_available() without creating a CUDA context.
@@ -659,23 +657,11 @@ def check_sampler(ctx: Ctx) -> None:
 
 def write_train_shards(out: str, n: int, latent: int, tokens: int = 64, dim: int = 32) -> str:
     """n random records (moments, label, one bf16 teacher) with the manifest repa-preprocess writes."""
-    from repa.shards import FieldSpec, ShardSetWriter, finalize_manifest
-    fields = {"moments": FieldSpec((8, latent, latent), "float32", "raw"), "label": FieldSpec((), "int64", "raw"),
-              "feat.0": FieldSpec((tokens, dim), "bfloat16", "bf16")}
-    g = torch.Generator().manual_seed(0)
-    with ShardSetWriter(out, fields, records_per_shard=32) as w:
-        for k in range(n):
-            w.write(k, {"moments": torch.cat([torch.randn(4, latent, latent, generator=g),
-                                              0.1 * torch.rand(4, latent, latent, generator=g)]),
-                        "label": torch.tensor(k % 10), "feat.0": torch.randn(tokens, dim, generator=g)})
+    from repa.shards.synthetic import write_synthetic_set
     side = int(tokens ** 0.5)
-    prov = {"source": "synthetic", "resolution": latent * 8, "crop": "adm", "latent_size": latent,
-            "vae": {"id": None, "latent_channels": 4, "downsample": 8, "scale": [0.18215] * 4, "bias": [0.0] * 4},
-            "teachers": [{"name": "random", "id": None, "tokens": tokens, "dim": dim, "grid": [side, side],
-                          "codec": "bf16", "field": "feat.0"}],
-            "num_classes": 10, "flip": False, "haste": None, "skipped": []}
-    finalize_manifest(out, fields, prov, expected_records=n)
-    return out
+    meta = [{"name": "random", "id": None, "tokens": tokens, "dim": dim, "grid": [side, side], "codec": "bf16"}]
+    return write_synthetic_set(out, n, latent=latent, teachers=((tokens, dim),), num_classes=10,
+                               records_per_shard=32, teacher_meta=meta)
 
 
 def check_train_run(ctx: Ctx) -> None:

@@ -27,8 +27,12 @@ import re
 import numpy as np
 import torch
 
+from repa.shards import storage
+from repa.shards.schema import FieldSpec, feature_spec
+
 from .crop import to_rgb
-from .sources import Source, SourceError, list_images, listing_sha256, read_file
+from .sources import Source, SourceError, list_images, listing_sha256, path_listing, read_file
+from .text_encoder import load_text_encoder
 
 __all__ = ["CaptionedSource", "COCOSource", "CaptionsFolderSource", "HFCaptionSource", "TextStage",
            "open_text_stage", "open_captioned_source", "text_stage_for", "is_captioned_spec", "uvit_center_crop",
@@ -76,14 +80,7 @@ class CaptionedSource(Source):
     def listing(self) -> list[list]:
         """[[path relative to the image root, size in bytes], ...] in key order (size -1: cannot be stat'ed)."""
         if getattr(self, "_listing", None) is None:
-            out = []
-            for p in self.paths:
-                try:
-                    size = os.stat(p).st_size
-                except OSError:
-                    size = -1
-                out.append([os.path.relpath(p, self.image_root).replace(os.sep, "/"), int(size)])
-            self._listing = out
+            self._listing = path_listing(self.paths, self.image_root)
         return self._listing
 
     def fingerprint(self) -> dict:
@@ -360,12 +357,10 @@ class TextStage:
 
     def load(self, device) -> None:
         """Load the frozen text encoder (fails fast, before any image is read) and encode ""."""
-        from .text_encoder import load_text_encoder
         self.encoder = load_text_encoder(self.encoder_spec, device)
         self.empty = self.encoder.encode([""])[0]
 
     def fields(self, codec: str) -> dict:
-        from repa.shards.schema import FieldSpec, feature_spec
         shape = tuple(self.empty.shape)
         out = {f"text.{i}": feature_spec(shape, codec) for i in range(self.k)}
         out["num_captions"] = FieldSpec((), "int64", "raw")
@@ -388,7 +383,6 @@ class TextStage:
         """Write captions.json (keys 0..num_records-1: --limit keeps the first N) and empty_context.safetensors
         next to the shards; returns provenance["text"]."""
         from safetensors.torch import save
-        from repa.shards import storage
         n = len(self.source) if num_records is None else min(int(num_records), len(self.source))
         every = {str(i): self.source.captions(i) for i in range(n)}
         storage.write_bytes(storage.join(out, CAPTIONS_FILE),

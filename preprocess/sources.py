@@ -38,7 +38,7 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image
 
-from .crop import ImageLimits, load_rgb, to_rgb
+from .crop import ImageLimits, adm_center_crop, load_rgb, to_rgb
 
 __all__ = ["Source", "ImageFolderSource", "HFSource", "DigitsSource", "open_source", "SourceError",
            "image_extensions", "read_file", "diff_listings", "listing_sha256"]
@@ -102,6 +102,12 @@ class Source:
     def describe(self, key: int) -> str:
         """Name of the image with global index `key` for error messages (must not fail)."""
         return f"{self.spec}#{key}"
+
+    def image(self, key: int, res: int) -> np.ndarray:
+        """Image `key` exactly as repa-preprocess feeds it to the VAE and teachers: uint8 (res, res, 3) after
+        the ADM crop (indexable sources; e.g. the real side of an FID reference batch)."""
+        img, _, _ = self.decode(self.get(key))
+        return adm_center_crop(img, res, self._limits())
 
 
 def image_extensions() -> set[str]:
@@ -275,6 +281,19 @@ def list_images(root: str, exts: set[str] | None = None) -> _Listing:
     return lst
 
 
+def path_listing(paths, root: str) -> list[list]:
+    """[[path relative to `root` ('/'-separated), size in bytes], ...] in the order of `paths` (size -1: cannot
+    be stat'ed): what a listing fingerprint hashes and a changed source is diffed against."""
+    out = []
+    for p in paths:
+        try:
+            size = os.stat(p).st_size
+        except OSError:
+            size = -1
+        out.append([os.path.relpath(p, root).replace(os.sep, "/"), int(size)])
+    return out
+
+
 def listing_sha256(entries) -> str:
     """sha256 of a listing: one 'relative/path<TAB>size' line per (path, size) entry, in the given order."""
     h = hashlib.sha256()
@@ -380,14 +399,7 @@ class ImageFolderSource(Source):
         """[[relative path ('/'-separated), size in bytes], ...] in key order (size -1: cannot be stat'ed).
         Stats every file once (cached): call it once per run, e.g. through fingerprint()."""
         if self._listing is None:
-            out = []
-            for p in self.paths:
-                try:
-                    size = os.stat(p).st_size
-                except OSError:
-                    size = -1
-                out.append([os.path.relpath(p, self.root).replace(os.sep, "/"), int(size)])
-            self._listing = out
+            self._listing = path_listing(self.paths, self.root)
         return self._listing
 
     def fingerprint(self) -> dict:
