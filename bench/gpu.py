@@ -603,13 +603,16 @@ def fixed_inputs(ctx: Ctx, z_dim: int, tokens: int, B: int = 8) -> dict:
 
 def loss_parts(ctx: Ctx, model, inputs: dict, device, precision: str) -> list[float]:
     from repa.trainer.loss import REPALoss
-    from repa.trainer.train import compute_loss
+    from repa.trainer.train import loss_from_latents
     mv = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
     ac = torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision]) \
         if precision != "fp32" else contextlib.nullcontext()
+    batch, d = mv(inputs["batch"]), mv(inputs["draws"])
+    mean, std = batch["moments"].float().chunk(2, dim=1)
+    x0 = (mean + std * d["posterior"]) * 0.18215
     with torch.no_grad(), ac:
-        _, parts = compute_loss(model, REPALoss(), mv(inputs["batch"]), scale=0.18215, bias=0.0, feats=["feat.0"],
-                                proj_coeff=0.5, draws=mv(inputs["draws"]))
+        _, parts = loss_from_latents(model, REPALoss(), batch, x0, feats=["feat.0"], proj_coeff=0.5, t=d["t"],
+                                     noise=d["noise"], drop=d["drop"])
     return parts.tolist()
 
 

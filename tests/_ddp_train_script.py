@@ -2,7 +2,7 @@
 
 Part 1 (gradient equivalence): every rank builds the same tiny SiT and the same global batch of 8 with
 fixed random draws (posterior eps, t, noise, label drops). Each rank trains on its half through the real
-``compute_loss`` + accelerate DDP with gradient accumulation 2 (micro-batch 2), clipping and AdamW; a plain
+``loss_from_latents`` + accelerate DDP with gradient accumulation 2 (micro-batch 2), clipping and AdamW; a plain
 single-process copy trains on the whole batch of 8 in one go. After 3 steps the weights must agree.
 Part 2 (end to end, only with SHARDS): ``train()`` with 2 processes for 4 steps, checkpoint at 2, then a
 resumed run from step 2 to 4. Rank 0 writes OUT/result.json.
@@ -19,7 +19,7 @@ torch.set_num_threads(1)
 from repa.trainer.ema import make_ema, update_ema  # noqa: E402
 from repa.trainer.loss import REPALoss  # noqa: E402
 from repa.trainer.models import SiT  # noqa: E402
-from repa.trainer.train import TrainConfig, compute_loss, make_accelerator, train  # noqa: E402
+from repa.trainer.train import TrainConfig, loss_from_latents, make_accelerator, train  # noqa: E402
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, encoder_depth=1,
             z_dims=[16], projector_dim=32, num_classes=10, class_dropout_prob=0.1)
@@ -41,12 +41,17 @@ def gradient_equivalence(accelerator) -> float:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
     ddp, opt = accelerator.prepare(model, opt)
-    kw = dict(scale=scale, bias=bias, feats=["feat.0"], proj_coeff=0.5)
+    kw = dict(feats=["feat.0"], proj_coeff=0.5)
+
+    def loss_with(model, part, d):  # the step with fixed draws: posterior eps, t, noise, label drop
+        mean, std = part["moments"].float().chunk(2, dim=1)
+        x0 = (mean + std * d["posterior"]) * scale + bias
+        return loss_from_latents(model, loss_fn, part, x0, t=d["t"], noise=d["noise"], drop=d["drop"], **kw)
     for step in range(3):
         draws = {"posterior": torch.randn(B, 4, 8, 8, generator=g), "t": torch.rand(B, generator=g),
                  "noise": torch.randn(B, 4, 8, 8, generator=g), "drop": (torch.rand(B, generator=g) < 0.3).long()}
         # reference: one process, the whole global batch at once
-        loss, _ = compute_loss(ref, loss_fn, batch, draws=draws, **kw)
+        loss, _ = loss_with(ref, batch, draws)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)  # small max-norm: clipping is active
         ref_opt.step()
@@ -59,7 +64,7 @@ def gradient_equivalence(accelerator) -> float:
             part = {k: v[sl] for k, v in batch.items()}
             ctx = accelerator.no_sync(ddp) if micro == 0 else torch.enable_grad()
             with ctx:
-                loss, _ = compute_loss(ddp, loss_fn, part, draws={k: v[sl] for k, v in draws.items()}, **kw)
+                loss, _ = loss_with(ddp, part, {k: v[sl] for k, v in draws.items()})
                 accelerator.backward(loss / 2)
         accelerator.clip_grad_norm_(ddp.parameters(), 0.05)
         opt.step()

@@ -94,16 +94,16 @@ def test_t2i_step_loss_matches_official_train_t2i(ref):  # noqa: F811
     """repa-train's compute_loss on the t2i path == the official SILoss of train_t2i.py, same draws."""
     from repa.trainer.loss import REPALoss
     from repa.trainer.mmdit import ContextAsLabels
-    from repa.trainer.train import compute_loss
+    from repa.trainer.train import loss_from_latents
     meta, tensors = ref
     model = _official_model(ref, "a")
     x, ctx, z = tensors["a.x"].float(), tensors["a.context"].float(), tensors["loss.z"]
     torch.manual_seed(meta["loss"]["seed"])  # the official draw order: t (CPU rand), then the noise
-    draws = {"t": torch.rand(2, 1, 1, 1), "noise": torch.randn_like(x), "posterior": torch.zeros_like(x)}
-    batch = {"moments": torch.cat([x, torch.zeros_like(x)], 1), "label": ctx, "feat.0": z}
+    t, noise = torch.rand(2, 1, 1, 1), torch.randn_like(x)
+    batch = {"label": ctx, "feat.0": z}  # x0 = x: the official step feeds the scaled latents directly
     with torch.no_grad():
-        loss, parts = compute_loss(ContextAsLabels(model), REPALoss(), batch, scale=1.0, bias=0.0, feats=["feat.0"],
-                                   proj_coeff=0.5, draws=draws)
+        loss, parts = loss_from_latents(ContextAsLabels(model), REPALoss(), batch, x, feats=["feat.0"],
+                                        proj_coeff=0.5, t=t, noise=noise)
     official = sum(meta["loss"]["denoising"]) / 2 + 0.5 * meta["loss"]["proj"]
     assert loss.item() == pytest.approx(official, abs=1e-5)
     assert parts[1].item() == pytest.approx(meta["loss"]["proj"], abs=1e-6)

@@ -31,15 +31,19 @@ from dataclasses import dataclass, field
 
 import torch
 
+from repa.shards import ShardError, ShardStream, decode_batch, make_loader, read_manifest, reader
+from repa.shards import records as R
+from repa.shards.lock import LockHeld, OutputLock
 from repa.trainer import checkpoint as ckpt
-from repa.trainer import guards, preempt, resume
+from repa.trainer import guards
+from repa.trainer import mmdit as t2i  # text-to-image path (docs/t2i.md)
+from repa.trainer import preempt, resume
 from repa.trainer.ema import make_ema, update_ema
 from repa.trainer.guards import ConfigError
 from repa.trainer.haste import HasteOnline, setup_haste
 from repa.trainer.loss import REPALoss
 from repa.trainer.metrics import Preview, RunLog, check_report_to
 from repa.trainer.models import SiT, model_config
-from repa.trainer import mmdit as t2i  # text-to-image path (docs/t2i.md)
 
 
 @dataclass
@@ -171,35 +175,29 @@ def plan_model(cfg: TrainConfig, manifest, shards_url: str) -> dict:
     return kwargs
 
 
-def sample_latents(moments: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Fresh posterior sample z = (mean + std * eps) * scale + bias; moments = [mean | std] on channels."""
-    mean, std = moments.float().chunk(2, dim=1)
-    return (mean + std * torch.randn_like(mean)) * scale + bias
-
-
 # ---------------------------------------------------------------- one loss evaluation
 
 def compute_loss(model, loss_fn: REPALoss, batch: dict, *, scale, bias, feats: list[str], proj_coeff: float,
-                 haste: HasteOnline | None = None, draws: dict | None = None):
+                 haste: HasteOnline | None = None):
     """Total loss and its logged parts [denoise, proj, attn] for one micro-batch (already on the device).
 
-    RNG order (docs/reference.md §3.3): posterior eps, t (CPU), noise, label drop inside the model. ``draws``
-    (tests only) fixes them: {"posterior": eps, "t": t, "noise": noise, "drop": force_drop_ids}.
+    RNG order (docs/reference.md §3.3): posterior eps, then (inside the loss) t on the CPU, noise, label drop.
     ``feats`` empty = no alignment (HASTE phase II). ``haste`` set = HASTE phase I: the online teacher
     gives the attention logits and the aligned features of teacher ``haste.teacher_index``.
     """
-    draws = draws or {}
-    if "posterior" in draws:
-        mean, std = batch["moments"].float().chunk(2, dim=1)
-        x0 = (mean + std * draws["posterior"]) * scale + bias
-    else:
-        x0 = sample_latents(batch["moments"], scale, bias)
+    x0 = R.sample_latents(batch[R.MOMENTS], scale, bias)
+    return loss_from_latents(model, loss_fn, batch, x0, feats=feats, proj_coeff=proj_coeff, haste=haste)
+
+
+def loss_from_latents(model, loss_fn: REPALoss, batch: dict, x0: torch.Tensor, *, feats: list[str],
+                      proj_coeff: float, haste: HasteOnline | None = None, t=None, noise=None, drop=None):
+    """:func:`compute_loss` given the posterior draw ``x0``; ``t``, ``noise`` and ``drop`` (the model's
+    ``force_drop_ids``) fix the loss's own draws, as ``REPALoss`` allows (how a reference step is replayed)."""
     zs = [batch[f].float() if f in batch else None for f in feats] or None
     if haste is not None:
         online_feats, teacher_attn = haste.teacher_outputs(batch[haste.field])
         zs[haste.teacher_index] = online_feats.float()
-    out = loss_fn(model, x0, batch["label"], zs, t=draws.get("t"), noise=draws.get("noise"),
-                  force_drop_ids=draws.get("drop"), return_attn=haste is not None)
+    out = loss_fn(model, x0, batch[R.LABEL], zs, t=t, noise=noise, force_drop_ids=drop, return_attn=haste is not None)
     denoise, proj = out[0].mean(), out[1]
     loss = denoise + proj_coeff * proj
     attn = torch.zeros((), device=denoise.device)
@@ -218,7 +216,6 @@ class BadRecordError(RuntimeError):
 
 def build_loader(cfg: TrainConfig, shards_url: str, fields, rank: int, world: int, micro_batch: int):
     """Each rank streams its own slice of the shard set, forever."""
-    from repa.shards import ShardStream, make_loader
     stream = ShardStream(shards_url, micro_batch, fields=fields, shuffle=True, seed=cfg.seed, infinite=True,
                          shuffle_window=cfg.shuffle_window, rank=rank, world_size=world, drop_last=True,
                          skip_bad=cfg.skip_bad, storage_options=cfg.storage_options or None)
@@ -229,7 +226,6 @@ def _worker_signals(requeue_signal: str | None) -> dict:
     """Reader workers ignore the stop signals (a signal to the process group reaches them too; the main process
     decides when to stop), the requeue signal included."""
     import inspect
-    from repa.shards import make_loader, reader
     default = getattr(reader, "WORKER_IGNORED_SIGNALS", None)
     if default is None or "ignore_signals" not in inspect.signature(make_loader).parameters:
         return {}
@@ -285,7 +281,6 @@ class RankData:
         return self.skipped_before + self.loader.skipped
 
     def next(self) -> dict:
-        from repa.shards import ShardError
         if self.error is None:
             try:
                 return {k: v.to(self.device, non_blocking=True) for k, v in next(self.it).items()}
@@ -294,7 +289,6 @@ class RankData:
         return self.zeros()
 
     def zeros(self) -> dict:
-        from repa.shards import decode_batch
         specs = self.loader.stream.manifest.fields
         out = {f: decode_batch(torch.zeros(self.micro_batch, specs[f].nbytes, dtype=torch.uint8), specs[f])
                for f in self.loader.stream.fields}
@@ -327,7 +321,6 @@ class Plan:
 
 
 def plan_run(cfg: TrainConfig) -> Plan:
-    from repa.shards import read_manifest
     guards.validate_flags(cfg)
     if cfg.mixed_precision not in ("no", "fp16", "bf16"):
         raise ConfigError(f"--mixed-precision must be no|fp16|bf16, got {cfg.mixed_precision!r}")
@@ -356,7 +349,6 @@ def claim_experiment(cfg: TrainConfig, plan: Plan, accelerator, stack) -> dict:
 
     Returns {"path", "changes", "history", "loaded" (rank 0 only)}."""
     from accelerate.utils import broadcast_object_list
-    from repa.shards.lock import LockHeld, OutputLock
     decision, loaded, log, failed = {"error": None}, None, None, None
     if accelerator.is_main_process:
         try:
