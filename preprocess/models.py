@@ -5,8 +5,12 @@ from contextlib import nullcontext
 
 import torch
 
+from repa.shards.schema import FieldSpec, feature_spec
+
+from . import teachers as T
 from .plan import PRECISIONS, Options, _resolve
 from .resume import PreprocessError
+from .vae import load_vae
 
 
 def _autocast(device: torch.device, precision: str):
@@ -22,7 +26,6 @@ def _load_teachers(enc_type: str, res: int, device: torch.device, compile: bool)
         return []
     if "none" in names:
         raise PreprocessError("--enc-type: 'none' cannot be combined with other teachers")
-    from . import teachers as T
     return list(T.load_teachers(",".join(names), res, device, channels_last=device.type == "cuda",
                                 compile=compile))
 
@@ -31,7 +34,6 @@ class Models:
     """The frozen VAE and teachers, run on uint8 batches; returns the per-record arrays of one batch."""
 
     def __init__(self, opts: Options, device: torch.device):
-        from .vae import load_vae
         opts = _resolve(opts, device)
         self.device = device
         self.opts = opts
@@ -86,7 +88,6 @@ class Models:
 
 def _fields(opts: Options, sample: dict[str, torch.Tensor]) -> dict:
     """Field specs (CONTRACTS.md order: moments, label, feat.i, moments_flip, feat_flip.i, haste.i)."""
-    from repa.shards.schema import FieldSpec, feature_spec
     fields = {"moments": FieldSpec(tuple(sample["moments"].shape[1:]), "float32", "raw"),
               "label": FieldSpec((), "int64", "raw")}
     for name, t in sample.items():

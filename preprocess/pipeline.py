@@ -26,10 +26,15 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from repa.shards import completed_shards, finalize_manifest
+
+from . import resume
+from .captions import open_captioned_source, text_stage_for
 from .images import _loader
 from .models import Models, _fields
 from .plan import Dist, Options, _device, _resolve, _settings, default_out, init_dist, shard_name, shard_plan
-from .resume import SETTINGS_FILE, PreprocessError  # noqa: F401  (re-exported)
+from .resume import (SETTINGS_FILE, PreprocessError, bad_image_error, repair,  # noqa: F401  (re-exported)
+                     source_identity, write_settings)
 from .sources import Source, open_source
 from .stop import StopFlag, parse_signal
 from .writing import _check_complete, _ShardWriters  # noqa: F401  (re-exported)
@@ -55,7 +60,6 @@ def _num_images(source: Source, limit: int | None) -> int:
 
 
 def _open(opts: Options) -> tuple[Source, int, str]:
-    from .captions import open_captioned_source  # coco:, captions:, hf: --caption-column (docs/t2i.md)
     source = open_captioned_source(opts) or open_source(
         opts.source, data_dir=opts.data_dir, split=opts.split, image_column=opts.image_column,
         label_column=opts.label_column, streaming=opts.streaming, num_classes=opts.num_classes,
@@ -68,7 +72,6 @@ def _open(opts: Options) -> tuple[Source, int, str]:
 def _take_output(out: str, opts: Options, fp: dict, listing, dist: Dist, echo) -> tuple[Any, dict]:
     """Rank 0: refuse a folder that is not ours, take the lock, clean up killed writers' temps, refuse a
     rerun that would mix datasets. Every rank learns whether rank 0 succeeded. -> (lock or None, record)."""
-    from . import resume
     record = resume.settings_record(_settings(opts), fp)
     lock, err = None, None
     if dist.rank == 0:
@@ -90,9 +93,7 @@ def _take_output(out: str, opts: Options, fp: dict, listing, dist: Dist, echo) -
 
 def _resume_plan(out, plan, fields, opts: Options, dist: Dist, echo) -> list[int]:
     """After the settings are written: verify (and drop) finished shards of this rank, -> shards to do."""
-    from repa.shards import completed_shards
 
-    from .resume import repair
     so = opts.storage_options
     done = completed_shards(out, storage_options=so)
     own = {shard_name(j) for j in range(len(plan)) if j % dist.world_size == dist.rank}
@@ -117,13 +118,11 @@ def run(opts: Options, echo: Callable[[str], None] = print) -> dict:
     source, n, out = _open(opts)
     for line in source.notes() if dist.rank == 0 else ():  # e.g. symlinked repeats left out of a listing
         echo(line)
-    from .resume import source_identity, write_settings
     fp, listing = source_identity(source) if dist.rank == 0 else ({}, None)
     lock, record = _take_output(out, opts, fp, listing, dist, echo)
     try:
         models = Models(opts, device)  # before the settings are written: a failed load leaves nothing behind
         fields = _fields(opts, models(torch.zeros(1, 3, opts.res, opts.res, dtype=torch.uint8)))
-        from .captions import text_stage_for
         models.text = text_stage_for(source, opts, device)  # captioned sources: loads the text encoder now
         if models.text is not None:
             fields.update(models.text.fields(opts.feature_codec))
@@ -213,14 +212,12 @@ def _loop(opts, loader, models, writer, stop: StopFlag, out, n_todo, dist, echo)
     if bad is not None or stop.signum:
         writer.abort()  # the unfinished shards: only their temp files existed
     if bad is not None:
-        from .resume import bad_image_error
         raise bad_image_error(bad[1], bad[2], out, opts.storage_options)
     return {"seconds": time.time() - t, "skipped": skipped, "stopped": stop.name}
 
 
 def _finalize(opts, source, n, out, plan, models, fields) -> dict:
     """Rank 0, once every shard is there: check the accounting and write the manifest."""
-    from repa.shards import finalize_manifest
     so = opts.storage_options
     skipped = _check_complete(out, plan, so)
     vae_prov, teacher_prov = models.provenance()

@@ -21,7 +21,12 @@ from __future__ import annotations
 import json
 from typing import Any, Callable
 
-from .sources import Source
+from repa.shards import completed_shards, storage, writer
+from repa.shards.lock import LOCK_NAME, LockHeld, OutputLock
+from repa.shards.tario import RecordCodec
+from repa.shards.verify import verify_shard
+
+from .sources import Source, diff_listings
 
 SETTINGS_FILE = "preprocess.json"
 SOURCE_FILE = "preprocess-source.json"   # the full source listing (names the differences of a changed source)
@@ -36,7 +41,6 @@ class PreprocessError(RuntimeError):
 # ---------------------------------------------------------------------------------------------- small files
 
 def read_json(url: str, storage_options: dict | None) -> Any | None:
-    from repa.shards import storage
     if storage.size(url, storage_options) is None:
         return None
     try:
@@ -47,13 +51,11 @@ def read_json(url: str, storage_options: dict | None) -> Any | None:
 
 def write_json(url: str, obj: Any, storage_options: dict | None, compact: bool = False) -> None:
     """Atomic (temp file + rename locally, one PUT on object stores). `compact`: one line (big listings)."""
-    from repa.shards import storage
     text = json.dumps(obj, separators=(",", ":")) if compact else json.dumps(obj, indent=1, sort_keys=True)
     storage.write_bytes(url, text.encode(), storage_options)
 
 
 def join(url: str, *parts: str) -> str:
-    from repa.shards import storage
     for p in parts:
         url = storage.join(url, p)
     return url
@@ -63,8 +65,6 @@ def join(url: str, *parts: str) -> str:
 
 def check_ours(out: str, storage_options: dict | None) -> None:
     """Refuse a non-empty `--out` that is not a repa shard set, before anything is written into it."""
-    from repa.shards import storage
-    from repa.shards.lock import LOCK_NAME
     names = [n for n in storage.listdir(out, storage_options) if n != LOCK_NAME and not storage.is_own_temp(n)]
     if not names or {SETTINGS_FILE, MANIFEST, SOURCE_FILE} & set(names):
         return
@@ -77,7 +77,6 @@ def check_ours(out: str, storage_options: dict | None) -> None:
 
 def take_lock(out: str, storage_options: dict | None, echo: Callable[[str], None]):
     """The output lock (held by rank 0 for the run); a dead holder's lock is taken over with a warning."""
-    from repa.shards.lock import LockHeld, OutputLock
     lock = OutputLock(out, stage="repa-preprocess", storage_options=storage_options)
     try:
         lock.acquire()
@@ -94,9 +93,7 @@ def take_lock(out: str, storage_options: dict | None, echo: Callable[[str], None
 def cleanup(out: str, storage_options: dict | None) -> None:
     """Remove the temp files of killed writers (only our own temp-name pattern) and, on object stores, this
     set's leaked local temp files and unfinished multipart uploads. Runs under the lock, before any write."""
-    from repa.shards import storage
     if storage.is_remote(out):
-        from repa.shards import writer
         fn = getattr(writer, "cleanup_stale_uploads", None) or getattr(storage, "cleanup_stale_uploads", None)
         if fn is not None:
             fn(out, storage_options)
@@ -120,7 +117,6 @@ def settings_record(settings: dict, fp: dict) -> dict:
 
 
 def _source_changes(theirs: dict, fp: dict, old_listing: dict | None, listing: list | None) -> list[str]:
-    from .sources import diff_listings
     if old_listing is not None and listing is not None:
         lines = diff_listings(old_listing.get("listing") or [], listing)
         if lines:
@@ -132,7 +128,6 @@ def _source_changes(theirs: dict, fp: dict, old_listing: dict | None, listing: l
 def check_resume(out: str, mine: dict, listing: list | None, storage_options: dict | None,
                  echo: Callable[[str], None]) -> None:
     """Refuse a rerun that would mix datasets (see the module docstring). Call under the lock."""
-    from repa.shards import completed_shards, storage
     theirs = read_json(join(out, SETTINGS_FILE), storage_options)
     if theirs is None:
         if storage.size(join(out, MANIFEST), storage_options) is not None:
@@ -183,9 +178,6 @@ def repair(out: str, done: dict, fields: dict, storage_options: dict | None, ech
     or, with `quick`, the O(1) identity check (size, first/last record headers, keys and CRCs); remove those
     that fail (the manifest that lists them first, then the sidecar, then the shard) so that this run
     rewrites them. Returns the names removed."""
-    from repa.shards import storage
-    from repa.shards.tario import RecordCodec
-    from repa.shards.verify import verify_shard
     from tqdm.auto import tqdm
     codec = RecordCodec(fields)
     bad = []
@@ -205,7 +197,6 @@ def repair(out: str, done: dict, fields: dict, storage_options: dict | None, ech
 
 def bad_image_error(path: str, msg: str, out: str, storage_options: dict | None) -> PreprocessError:
     """The strict-mode error for an unreadable image, with advice that is true for this folder's state."""
-    from repa.shards import completed_shards
     k = len(completed_shards(out, storage_options=storage_options))
     if not k:
         how = ("No shard is finished yet: fix or remove the file and rerun the same command, or rerun the same "

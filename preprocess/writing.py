@@ -7,6 +7,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from repa.shards import ShardWriter, completed_shards
+
 from .plan import SKIP_DIR, Options, shard_name
 from .resume import PreprocessError
 from .resume import join as _join
@@ -65,7 +67,6 @@ class _ShardWriters(threading.Thread):
 
     def _writer(self, j: int):
         if j not in self.open:
-            from repa.shards import ShardWriter
             self.open[j] = ShardWriter(self.out, self.fields, shard_name=shard_name(j),
                                        storage_options=self.opts.storage_options)
             self.seen[j] = 0
@@ -104,7 +105,6 @@ class _ShardWriters(threading.Thread):
 
 def _check_complete(out: str, plan: list[np.ndarray], so) -> list[dict]:
     """Every planned shard is complete and holds its keys minus its skipped ones; returns all skipped."""
-    from repa.shards import completed_shards
     done = completed_shards(out, storage_options=so)
     skipped, problems = [], []
     for j, keys in enumerate(plan):

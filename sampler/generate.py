@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from repa.shards import dist as _dist
+from repa.shards.lock import LOCK_NAME, LockHeld, OutputLock
 
 from .npz import atomic_write_bytes, is_temp_name, make_grid, read_png, save_png, write_images_npz
 from .solvers import euler_maruyama_sampler, euler_sampler
@@ -190,7 +191,6 @@ class FolderRefused(ValueError):
 
 def _not_ours(folder: str) -> str | None:
     """Why an existing ``folder`` is not a repa-sample folder we may resume (None if it is ours or empty)."""
-    from repa.shards.lock import LOCK_NAME
 
     names = sorted(n for n in os.listdir(folder) if n != LOCK_NAME)
     record = os.path.join(folder, RECORD)
@@ -243,7 +243,6 @@ def _remove_our_temp_files(folder: str) -> None:
 
 def _claim_folder(folder: str, identity: dict):
     """Rank 0: lock the folder, then check and write its record under the lock. Returns the held lock."""
-    from repa.shards.lock import LockHeld, OutputLock
 
     why = _not_ours(folder) if os.path.isdir(folder) else None  # before the lock: add nothing to others' folders
     if why:

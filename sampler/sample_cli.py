@@ -18,10 +18,14 @@ import click
 import torch
 from click.core import ParameterSource
 
+from repa.preprocess.vae import load_vae
+from repa.shards.lock import LockHeld
+
 from .generate import (DistInfo, FolderRefused, LatentDecoder, SamplingSpec, StopSignals, any_rank, barrier,
                        finalize_outputs, generate_pngs, init_distributed, make_labels, png_path, prepare_folder,
                        spec_identity)
-from .load import CheckpointError, load_sampling_model
+from .load import CheckpointError, _latest_checkpoint_dir, load_sampling_model
+from .t2i import run_from_args
 
 REFERENCE_VAE_SCALE = 0.18215  # SD-VAE, docs/reference.md §3.2
 DEFAULT_CFG_SCALE = 1.5  # the reference generate.py's default
@@ -32,7 +36,6 @@ class _Command(click.Command):
     on the command line; Python callers of :func:`main` get the exception itself."""
 
     def invoke(self, ctx):
-        from repa.shards.lock import LockHeld
         try:
             return super().invoke(ctx)
         except (FolderRefused, LockHeld) as e:
@@ -215,7 +218,6 @@ def _peek_config(ckpt: str) -> dict | None:
     """The config.json of a repa-train checkpoint folder (None if unreadable: the loader reports that)."""
     import json
 
-    from .load import _latest_checkpoint_dir
     try:
         path = _latest_checkpoint_dir(ckpt)
         with open(os.path.join(path, "config.json")) as f:
@@ -282,7 +284,6 @@ def _load(args, info: DistInfo):
 
 
 def _decoder(vae_spec: str, scale, bias, device) -> LatentDecoder:
-    from repa.preprocess.vae import load_vae
     try:
         vae = load_vae(vae_spec, device)
     except (OSError, ValueError) as e:  # FileNotFoundError, a failed/blocked download, a malformed id
@@ -293,7 +294,6 @@ def _decoder(vae_spec: str, scale, bias, device) -> LatentDecoder:
 def run(args, info: DistInfo, cfg_is_default: bool = False, stop: StopSignals | None = None) -> str | None:
     """Sample (see the module docstring). Returns the .npz path on rank 0, None elsewhere or when stopped."""
     if getattr(args, "prompts", None) or getattr(args, "prompts_from", None):  # text-to-image: sampler/t2i.py
-        from .t2i import run_from_args
         return run_from_args(args, info)
     _check_flags(args)
     if info.device.type == "cuda":

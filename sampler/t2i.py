@@ -21,7 +21,12 @@ import os
 import numpy as np
 import torch
 
-from .generate import STREAM_SDE, DistInfo, initial_noise, prepare_folder, sample_generator
+from repa.preprocess.text_encoder import load_text_encoder
+from repa.preprocess.vae import load_vae
+from repa.shards import storage
+from repa.trainer.mmdit import MMDiT
+
+from .generate import STREAM_SDE, DistInfo, LatentDecoder, initial_noise, prepare_folder, sample_generator
 from .npz import atomic_write_bytes, read_png, save_png, write_images_npz
 from .solvers import euler_maruyama_sampler, euler_sampler
 
@@ -54,7 +59,6 @@ def prompts_from_set(set_dir: str, num: int | None = None, storage_options=None,
     without replacement and one of each record's captions, uniformly (numpy default_rng(seed)): the
     U-ViT MS-COCO protocol of 30K prompts drawn from the val captions.
     """
-    from repa.shards import storage
     url = storage.join(set_dir, CAPTIONS_FILE)
     if storage.size(url, storage_options) is None:
         raise ValueError(f"--prompts-from {set_dir}: no {CAPTIONS_FILE} there; pass a shard set that "
@@ -74,21 +78,15 @@ def prompts_from_set(set_dir: str, num: int | None = None, storage_options=None,
 def reference_batch(source, res: int, out_npz: str, keys=None) -> str:
     """ADM-style reference .npz of a captioned source's images at ``res`` (its crop: ADM, or U-ViT's when
     ``source.crop == "uvit"``), in key order (or the given ``keys``): the real side of an MS-COCO val FID."""
-    from repa.preprocess.crop import adm_center_crop
     keys = list(range(len(source))) if keys is None else [int(k) for k in keys]
     if getattr(source, "res", None) is None:
         source.res = res  # a source with crop "uvit" crops to res itself; the ADM crop is then the identity
-
-    def image(i):
-        img, _, _ = source.decode(source.get(keys[i]))
-        return adm_center_crop(img, res)
-    return write_images_npz(out_npz, len(keys), (res, res, 3), image)
+    return write_images_npz(out_npz, len(keys), (res, res, 3), lambda i: source.image(keys[i], res))
 
 
 def load_t2i_model(ckpt: str, weights: str = "ema", device="cpu"):
     """(MMDiT in eval mode, config.json dict) from a repa-train checkpoint folder of a t2i run."""
     from safetensors.torch import load_file
-    from repa.trainer.mmdit import MMDiT
     path = os.path.join(ckpt, "config.json")
     if not os.path.isfile(path):
         raise ValueError(f"--ckpt {ckpt}: no config.json; pass a repa-train checkpoint folder (<exp>/checkpoints/<step>)")
@@ -157,7 +155,6 @@ def run_t2i(ckpt: str, prompts: list[str], sample_dir: str, *, keys=None, text_e
             batch_size: int = 32, device="cpu", weights: str = "ema", name: str | None = None) -> str:
     """Sample one image per prompt; returns the .npz path. ``decoder``: latents -> uint8 NHWC (default: the
     checkpoint's VAE via repa.sampler.generate.LatentDecoder)."""
-    from repa.preprocess.text_encoder import load_text_encoder
     model, config = load_t2i_model(ckpt, weights, device)
     kw = config["model"]["kwargs"]
     encoder = load_text_encoder(_text_encoder_spec(config, text_encoder), device)
@@ -202,8 +199,6 @@ def _sample_missing(model, encoder, empty, decoder, prompts, folder, settings, s
 
 
 def _default_decoder(config: dict, device):
-    from repa.preprocess.vae import load_vae
-    from .generate import LatentDecoder
     vae = (config.get("data") or {}).get("vae") or {}
     c = int(config["model"]["kwargs"]["in_channels"])
     return LatentDecoder(load_vae(vae.get("id") or "none", device), vae.get("scale", [1.0] * c),
@@ -240,8 +235,6 @@ def run_from_args(args, info) -> str:
 
 
 def _decoder_override(ckpt: str, vae_spec: str, device):
-    from repa.preprocess.vae import load_vae
-    from .generate import LatentDecoder
     with open(os.path.join(ckpt, "config.json")) as f:
         config = json.load(f)
     vae = (config.get("data") or {}).get("vae") or {}

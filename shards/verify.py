@@ -18,7 +18,7 @@ import click
 import numpy as np
 
 from . import storage
-from .manifest import Manifest, ShardInfo, read_manifest
+from .manifest import Manifest, ManifestError, ShardInfo, read_manifest
 from .tario import END_OF_ARCHIVE, RecordCodec
 
 CHUNK_RECORDS = 64  # records per read of the full verification
@@ -143,7 +143,6 @@ def verify_set(url: str, storage_options: dict | None = None, progress: bool = T
 @click.argument("shard_set")
 @click.option("--progress/--no-progress", default=True, help="show a progress bar (stderr)")
 def main(shard_set: str, progress: bool) -> None:
-    from .manifest import ManifestError
     try:
         bad = verify_set(shard_set, progress=progress)
     except (ManifestError, storage.StorageError) as e:

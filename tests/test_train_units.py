@@ -67,11 +67,11 @@ def test_ema_matches_reference_formula_including_pos_embed():
 
 
 def test_preview_decoder_without_vae_warns_and_keeps_going(monkeypatch):
-    from repa.preprocess import vae as vae_mod
+    from repa.trainer import metrics as metrics_mod
 
     def offline(spec, device):
         raise OSError(f"{spec}: not in the local cache and HF_HUB_OFFLINE=1")
-    monkeypatch.setattr(vae_mod, "load_vae", offline)
+    monkeypatch.setattr(metrics_mod, "load_vae", offline)
     prov = {"vae": {"id": "stabilityai/sd-vae-ft-ema", "latent_channels": 4, "scale": [0.5] * 4, "bias": [0.0] * 4}}
     dec = PreviewDecoder(prov, "cpu")
     with warnings.catch_warnings(record=True) as w:

@@ -21,6 +21,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from repa.preprocess.teachers import load_teacher
+
 __all__ = ["HasteConfig", "default_haste_config", "attention_alignment_loss", "HasteOnline", "setup_haste"]
 
 
@@ -185,7 +187,6 @@ class HasteOnline:
 def setup_haste(provenance: dict, model_kwargs: dict, attn_coeff: float, early_stop_point: int, device,
                 autocast: Callable = nullcontext) -> HasteOnline:
     """The layer/head mapping from the shards' HASTE provenance and the SiT, validated; the teacher loads lazily."""
-    from repa.preprocess.teachers import load_teacher
     info = provenance["haste"]
     ti = int(info.get("teacher", 0))
     meta = provenance["teachers"][ti]
