@@ -374,7 +374,8 @@ def main(argv=None) -> int:
     d = TeacherRecipe()
     for f in dataclasses.fields(TeacherRecipe):
         p.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(d, f.name)), default=getattr(d, f.name))
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS") or 2),
+                   help="torch CPU threads [default: $OMP_NUM_THREADS, else 2]")
     p.add_argument("--vae", action="store_true", help="build the demo autoencoder (VAERecipe: resolution, "
                                                       "steps, seed, source) instead of the teacher")
     args = vars(p.parse_args(argv))
