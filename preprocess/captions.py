@@ -27,6 +27,7 @@ import re
 import numpy as np
 import torch
 
+from repa.shards import records as R
 from repa.shards import storage
 from repa.shards.schema import FieldSpec, feature_spec
 
@@ -362,8 +363,8 @@ class TextStage:
 
     def fields(self, codec: str) -> dict:
         shape = tuple(self.empty.shape)
-        out = {f"text.{i}": feature_spec(shape, codec) for i in range(self.k)}
-        out["num_captions"] = FieldSpec((), "int64", "raw")
+        out = {R.text(i): feature_spec(shape, codec) for i in range(self.k)}
+        out[R.NUM_CAPTIONS] = FieldSpec((), "int64", "raw")
         return out
 
     def __call__(self, keys) -> dict[str, torch.Tensor]:
@@ -375,8 +376,8 @@ class TextStage:
         for b, cs in enumerate(caps):
             out[b, : len(cs)] = flat[pos: pos + len(cs)]
             pos += len(cs)
-        arrays = {f"text.{i}": out[:, i] for i in range(self.k)}
-        arrays["num_captions"] = torch.tensor([len(cs) for cs in caps], dtype=torch.int64)
+        arrays = {R.text(i): out[:, i] for i in range(self.k)}
+        arrays[R.NUM_CAPTIONS] = torch.tensor([len(cs) for cs in caps], dtype=torch.int64)
         return arrays
 
     def finalize(self, out: str, storage_options=None, num_records: int | None = None) -> dict:
@@ -391,7 +392,7 @@ class TextStage:
         storage.write_bytes(storage.join(out, EMPTY_CONTEXT_FILE), blob, storage_options)
         counts = [len(c) for c in every.values()]
         return {"text_encoder": self.encoder.provenance, "max_captions": self.k,
-                "fields": [f"text.{i}" for i in range(self.k)], "count_field": "num_captions",
+                "fields": [R.text(i) for i in range(self.k)], "count_field": R.NUM_CAPTIONS,
                 "captions_file": CAPTIONS_FILE, "empty_context_file": EMPTY_CONTEXT_FILE,
                 "context_shape": list(self.empty.shape), "captions_total": int(sum(counts)),
                 "captions_truncated": int(sum(max(0, c - self.k) for c in counts))}

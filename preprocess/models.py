@@ -5,6 +5,7 @@ from contextlib import nullcontext
 
 import torch
 
+from repa.shards import records as R
 from repa.shards.schema import FieldSpec, feature_spec
 
 from . import teachers as T
@@ -62,15 +63,15 @@ class Models:
         out = {}
         with _autocast(self.device, self.opts.vae_precision):
             m = self.encode(x.float() / 127.5 - 1).float()
-        out["moments"] = m[:n]
+        out[R.MOMENTS] = m[:n]
         if self.opts.flip:
-            out["moments_flip"] = m[n:]
+            out[R.MOMENTS_FLIP] = m[n:]
         with _autocast(self.device, self.precision):
             for i, fn in enumerate(self.teachers):
                 f = fn(x).float()
-                out[f"feat.{i}"] = f[:n]
+                out[R.feat(i)] = f[:n]
                 if self.opts.flip:
-                    out[f"feat_flip.{i}"] = f[n:]
+                    out[R.feat_flip(i)] = f[n:]
             if self.haste_block is not None:
                 out["haste.0"] = self.teachers[0].residual_before(x[:n], self.haste_block).float()
         return {k: v.cpu() for k, v in out.items()}
@@ -80,7 +81,7 @@ class Models:
         teachers = []
         for i, t in enumerate(self.teachers):
             p = dict(t.provenance)
-            p["field"] = f"feat.{i}"
+            p["field"] = R.feat(i)
             p["codec"] = self.opts.feature_codec
             teachers.append(p)
         return vae, teachers
@@ -88,13 +89,13 @@ class Models:
 
 def _fields(opts: Options, sample: dict[str, torch.Tensor]) -> dict:
     """Field specs (CONTRACTS.md order: moments, label, feat.i, moments_flip, feat_flip.i, haste.i)."""
-    fields = {"moments": FieldSpec(tuple(sample["moments"].shape[1:]), "float32", "raw"),
+    fields = {R.MOMENTS: FieldSpec(tuple(sample[R.MOMENTS].shape[1:]), "float32", "raw"),
               "label": FieldSpec((), "int64", "raw")}
     for name, t in sample.items():
-        if name.startswith(("feat.", "feat_flip.")):
+        if R.parse(name)[0] in ("feat", "feat_flip"):
             fields[name] = feature_spec(tuple(t.shape[1:]), opts.feature_codec)
         elif name == "haste.0":
             fields[name] = FieldSpec(tuple(t.shape[1:]), "float16", "fp16")
-    if "moments_flip" in sample:
-        fields["moments_flip"] = fields["moments"]
+    if R.MOMENTS_FLIP in sample:
+        fields[R.MOMENTS_FLIP] = fields[R.MOMENTS]
     return fields

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from repa.shards import completed_shards, finalize_manifest
+from repa.shards import records as R
 
 from . import resume
 from .captions import open_captioned_source, text_stage_for
@@ -223,7 +224,7 @@ def _finalize(opts, source, n, out, plan, models, fields) -> dict:
     vae_prov, teacher_prov = models.provenance()
     provenance = {
         "source": opts.source, "resolution": opts.res, "crop": getattr(source, "crop", "adm"), "vae": vae_prov,
-        "latent_size": int(fields["moments"].shape[-1]), "teachers": teacher_prov,
+        "latent_size": int(fields[R.MOMENTS].shape[-1]), "teachers": teacher_prov,
         "num_classes": int(source.num_classes), "flip": bool(opts.flip),
         "haste": ({"teacher": 0, "start_block": models.haste_block,
                    "attn_blocks": list(range(models.haste_block, models.teachers[0].depth))}

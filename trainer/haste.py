@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from repa.preprocess.teachers import load_teacher
+from repa.shards import records as R
 
 __all__ = ["HasteConfig", "default_haste_config", "attention_alignment_loss", "HasteOnline", "setup_haste"]
 
@@ -170,8 +171,8 @@ class HasteOnline:
     def fields(self, step: int, feats: list[str]) -> list[str]:
         """Fields to read at ``step``: phase I swaps the cached feat.<teacher_index> for the residual."""
         if not self.needs_teacher(step):
-            return ["moments"]
-        return ["moments", *[f for f in feats if f != f"feat.{self.teacher_index}"], self.field]
+            return [R.MOMENTS]
+        return [R.MOMENTS, *[f for f in feats if f != R.feat(self.teacher_index)], self.field]
 
     def teacher_outputs(self, residual: torch.Tensor):
         """(aligned features, attention logits of the aligned teacher blocks) from the cached residual."""
@@ -206,4 +207,4 @@ def setup_haste(provenance: dict, model_kwargs: dict, attn_coeff: float, early_s
         teacher = load_teacher(meta["name"], int(provenance.get("resolution", 256)), device,
                                grid=tuple(meta["grid"]) if meta.get("grid") else None)
         return teacher.eval().requires_grad_(False)
-    return HasteOnline(config, info.get("field", f"haste.{ti}"), ti, start, load, autocast)
+    return HasteOnline(config, info.get("field", R.haste(ti)), ti, start, load, autocast)

@@ -37,7 +37,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from repa.shards import ShardStream, storage
+from repa.shards import ShardStream
+from repa.shards import records as R
+from repa.shards import storage
 from repa.trainer.metrics import PreviewDecoder, save_png, to_grid
 from repa.trainer.models import TimestepEmbedder, build_mlp, get_2d_sincos_pos_embed
 
@@ -359,14 +361,13 @@ class ContextAsLabels:
 #              Text-to-image training on shards with text.<k> fields             #
 #################################################################################
 
-TEXT_PREFIX, COUNT_FIELD = "text.", "num_captions"
+COUNT_FIELD = R.NUM_CAPTIONS
 EMPTY_CONTEXT_FILE = "empty_context.safetensors"  # written by repa-preprocess next to manifest.json
 
 
 def text_fields(manifest) -> list[str]:
     """``text.<k>`` field names in slot order (empty for class-conditional shards)."""
-    names = [f for f in manifest.fields if f.startswith(TEXT_PREFIX)]
-    return sorted(names, key=lambda f: int(f.split(".")[1]))
+    return R.text_fields(manifest.fields)
 
 
 def is_t2i(manifest) -> bool:
@@ -381,10 +382,10 @@ def plan_t2i(cfg, manifest, shards_url: str) -> dict:
     if not is_mmdit_name(cfg.model):
         raise ValueError(f"{where} holds caption features ({texts[0]}...): train the text-to-image model with "
                          f"--model MMDiT-B/2 (the official recipe) or another MMDiT-*, not {cfg.model}")
-    if COUNT_FIELD not in manifest.fields or "moments" not in manifest.fields:
+    if COUNT_FIELD not in manifest.fields or R.MOMENTS not in manifest.fields:
         raise ValueError(f"{where} lacks '{COUNT_FIELD}' or 'moments'; re-run repa-preprocess on the captioned source")
-    two_c, h, w = manifest.fields["moments"].shape
-    feats = sorted((f for f in manifest.fields if f.startswith("feat.")), key=lambda f: int(f.split(".")[1]))
+    two_c, h, w = manifest.fields[R.MOMENTS].shape
+    feats = R.teacher_fields(manifest.fields)
     if cfg.proj_coeff and not feats:
         raise ValueError(f"{where} has no teacher features (feat.<i>); re-run repa-preprocess with a teacher "
                          "or train without alignment: --proj-coeff 0")

@@ -135,15 +135,15 @@ def resolve_shards(url: str, storage_options: dict | None = None) -> str:
 
 def teacher_fields(manifest) -> list[str]:
     """``feat.<i>`` field names in teacher order."""
-    return sorted((f for f in manifest.fields if f.startswith("feat.")), key=lambda f: int(f.split(".")[1]))
+    return R.teacher_fields(manifest.fields)
 
 
 def plan_model(cfg: TrainConfig, manifest, shards_url: str) -> dict:
     """Full SiT kwargs from the flags and the manifest; raises ValueError before step 1 on any mismatch."""
     where = f"--shards {shards_url} (manifest.json)"
-    if "moments" not in manifest.fields:
+    if R.MOMENTS not in manifest.fields:
         raise ValueError(f"{where} has no 'moments' field; re-run repa-preprocess")
-    two_c, h, w = manifest.fields["moments"].shape
+    two_c, h, w = manifest.fields[R.MOMENTS].shape
     if h != w or two_c % 2:
         raise ValueError(f"{where}: moments shape {(two_c, h, w)} is not (2C, H, H)")
     prov = manifest.provenance
@@ -464,7 +464,7 @@ def train(cfg: TrainConfig) -> dict:
             haste.at(step)  # loads the teacher now if phase I is still ahead: fails fast, before step 1
         t2i_run = t2i.T2IInputs(plan, cfg) if t2i.is_t2i(plan.manifest) else None  # captions + CFG drop per step
         extra = t2i_run.read_fields if t2i_run else []  # text.<k> + num_captions
-        fields = (lambda s: haste.fields(s, plan.feats)) if haste else (lambda s: ["moments", *plan.feats, *extra])
+        fields = (lambda s: haste.fields(s, plan.feats)) if haste else (lambda s: [R.MOMENTS, *plan.feats, *extra])
         data = RankData(cfg, plan.shards_url, rank, world, micro_batch, fields, device, step)
         restore_data(cfg, state, data, world, rank, step, log)
         saver = ckpt.Checkpointer(accelerator, plan.ckpt_root, raw_model, ema, optimizer,
