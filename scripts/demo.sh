@@ -60,7 +60,7 @@ JUDGE=$("$PY" bench/digits_judge.py --npz "$NPZ" | tail -1)
 echo "$JUDGE" > "$OUT/judge.json"
 
 stamp "6/7 alignment probe (repa-eval align): CKNNA of each block with the teacher"
-"$PY" -m repa.sampler.align "$CKPT" --shards "$OUT/shards" --t 0.25,0.5,0.75 --num-samples 600 \
+repa-eval align "$CKPT" --shards "$OUT/shards" --t 0.25,0.5,0.75 --num-samples 600 \
     --out "$OUT/align.json" >/dev/null
 
 stamp "7/7 figures"
