@@ -47,6 +47,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from repa.preprocess.crop import adm_center_crop
+from repa.preprocess.sources import open_source
+from repa.preprocess.teachers import Teacher, _Recipe, teacher_input_size
+
 __all__ = ["TeacherRecipe", "digits_images", "source_images", "split_halves", "build_teacher", "ensure_teacher",
            "evaluate_folder", "teacher_dir_name", "VAERecipe", "build_vae", "ensure_vae"]
 
@@ -86,8 +90,6 @@ def default_cache_root() -> str:
 
 @functools.lru_cache(maxsize=4)
 def _source_images(source: str, resolution: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    from repa.preprocess.crop import adm_center_crop
-    from repa.preprocess.sources import open_source
 
     src = open_source(source, res=resolution)
     images, labels = [], []
@@ -142,7 +144,6 @@ def _create_vit(recipe: TeacherRecipe, input_size: int, num_classes: int):
 
 def _pipeline_view(model, recipe: TeacherRecipe):
     """The repa-preprocess `Teacher` wrapper around `model` (used for its input preprocessing only)."""
-    from repa.preprocess.teachers import Teacher, _Recipe
     cfg = model.pretrained_cfg
     view = Teacher(model, name="demo-teacher", model_id=None, resolution=recipe.resolution,
                    recipe=_Recipe(tuple(cfg["mean"]), tuple(cfg["std"]), "custom"))
@@ -162,7 +163,6 @@ def _accuracy(model, view, images, labels, batch: int = 256) -> float:
 
 def build_teacher(out_dir: str, recipe: TeacherRecipe = TeacherRecipe(), *, log=print) -> dict:
     """Train the teacher per ``recipe`` and save it (timm folder format) to ``out_dir``; returns its info dict."""
-    from repa.preprocess.teachers import teacher_input_size
     from timm.models import save_for_hf
 
     t0 = time.perf_counter()

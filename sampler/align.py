@@ -33,6 +33,11 @@ import sys
 import numpy as np
 import torch
 
+from repa.sampler.load import CheckpointError, load_sampling_model
+from repa.sampler.npz import atomic_write_bytes
+from repa.shards.reader import ShardStream
+from repa.trainer.loss import interpolant
+
 __all__ = ["cknna", "cknna_reference", "mutual_knn_mask", "pooled_states", "linear_probe", "align_probe",
            "read_probe_records", "cli"]
 
@@ -163,7 +168,6 @@ def linear_probe(feats, labels, *, train_frac: float = 0.7, seed: int = 0) -> fl
 
 def read_probe_records(shards: str, num: int, teacher_index: int = 0, storage_options=None) -> dict:
     """The first ``num`` records in shard order: moments, token-averaged teacher features, labels, keys."""
-    from repa.shards.reader import ShardStream
 
     try:
         stream = ShardStream(shards, batch_size=min(num, 256), shuffle=False, storage_options=storage_options)
@@ -208,7 +212,6 @@ def _noise(keys: torch.Tensor, seed: int, shape) -> torch.Tensor:
 def pooled_states(model, x0: torch.Tensor, labels: torch.Tensor, eps: torch.Tensor, t: float, *,
                   path_type: str = "linear", layers=None, batch_size: int = 128) -> dict:
     """{block index (1-based): (N, D) token-averaged block outputs, "projector": (N, z)} at noise level t."""
-    from repa.trainer.loss import interpolant
 
     layers = list(range(1, len(model.blocks) + 1)) if layers is None else list(layers)
     captured: dict = {}
@@ -345,8 +348,6 @@ def run(ckpt: str, shards: str, *, t: str = "0.5", layers: str | None = None, nu
         seed: int = 0, teacher_index: int = 0, batch_size: int = 128, out: str | None = None,
         plot: str | None = None, device: str = "cpu", storage_options=None) -> dict:
     """The CLI's work: load, read, probe, write JSON (+ PNG). Returns the result dict."""
-    from repa.sampler.load import CheckpointError, load_sampling_model
-    from repa.sampler.npz import atomic_write_bytes
 
     ts = _floats(t, "--t")
     if any(not 0.0 <= v <= 1.0 for v in ts):
@@ -383,9 +384,11 @@ def run(ckpt: str, shards: str, *, t: str = "0.5", layers: str | None = None, nu
 def _click_command():
     import click
 
-    @click.command(name="align", context_settings={"show_default": True, "max_content_width": 110},
+    @click.command(name="align", context_settings={"help_option_names": ["-h", "--help"], "show_default": True,
+                                                   "max_content_width": 110},
                    help="Alignment of a SiT checkpoint's hidden states with the teacher features of a shard "
                         "set: CKNNA per block and projector, linear-probe accuracy; JSON + PNG.")
+    @click.version_option(package_name="repa", prog_name="repa-eval align")
     @click.argument("ckpt")
     @click.option("--shards", required=True, help="Shard set with moments, label and feat.<i> (repa-preprocess).")
     @click.option("--t", "t", default="0.5", help="Noise level(s) in [0, 1], comma list (0 = data).")

@@ -19,6 +19,7 @@ import click
 import numpy as np
 import torch
 
+from .align import cli as align_cli
 from .inception import InceptionWeightsError, load_fid_inception
 from .metrics import feature_statistics, frechet_distance, inception_score, precision_recall
 from .npz import atomic_write_bytes, load_images_npz
@@ -27,22 +28,13 @@ STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 
 
 class _EvalCommand(click.Command):
-    """``repa-eval align ...`` goes to the alignment evaluation (``repa.sampler.align``) when it is installed;
-    anything else is ``repa-eval SAMPLES.npz --ref REF.npz``."""
+    """``repa-eval align ...`` goes to the alignment evaluation (``repa.sampler.align``); anything else is
+    ``repa-eval SAMPLES.npz --ref REF.npz``."""
 
     def main(self, args=None, prog_name=None, **kwargs):
         argv = list(sys.argv[1:] if args is None else args)
         if argv[:1] == ["align"]:
-            try:
-                from repa.sampler.align import cli as align_cli
-            except ModuleNotFoundError as e:
-                if e.name != "repa.sampler.align":
-                    raise
-                raise SystemExit("repa-eval align: not available in this installation (repa.sampler.align is "
-                                 "missing); for FID use repa-eval SAMPLES.npz --ref REF.npz") from None
-            if isinstance(align_cli, click.Command):
-                return align_cli.main(args=argv[1:], prog_name=f"{prog_name or 'repa-eval'} align", **kwargs)
-            return align_cli(argv)  # a plain function taking the argv with its leading "align"
+            return align_cli(argv)  # takes the argv with its leading "align"
         return super().main(args=argv, prog_name=prog_name, **kwargs)
 
 
