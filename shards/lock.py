@@ -75,6 +75,19 @@ def _describe(path: str, info: dict | None, ttl_s: float) -> str:
             f"(local/NFS folders), and the next start takes it over")
 
 
+def _live_holder(fd: int, wait_s: float = 2.0) -> dict | None:
+    """The holder named in a lock file we failed to lock. A winner that has just taken the lock may not have
+    written its JSON yet (the file is empty, or still names the dead run before it), so read again for up to
+    ``wait_s`` until it names a live process (or a process on another host, which we cannot check)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        held = _parse(os.pread(fd, 1 << 16, 0))
+        mine = held and held.get("host") == socket.gethostname() and isinstance(held.get("pid"), int)
+        if (held and not mine) or (mine and _alive(held["pid"])) or time.monotonic() >= deadline:
+            return held
+        time.sleep(0.02)
+
+
 def _parse(data: bytes) -> dict | None:
     try:
         info = json.loads(data.decode())
@@ -133,7 +146,7 @@ class OutputLock:
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
-                held = _parse(os.pread(fd, 1 << 16, 0))
+                held = _live_holder(fd)
                 os.close(fd)
                 if e.errno in (errno.EACCES, errno.EAGAIN):
                     raise LockHeld(_describe(path, held, self.ttl_s)) from None

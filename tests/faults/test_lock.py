@@ -180,3 +180,31 @@ def test_plain_store_lease_without_conditional_puts(monkeypatch):
         assert first.previous is None
     with OutputLock(url, ttl_s=30) as again:  # released (the lease object deleted)
         assert again.previous is None
+
+
+def test_refusal_names_a_winner_that_has_not_written_its_holder_yet(tmp_path, faults):
+    """The loser of a race can find the lock file still empty (the winner holds the kernel lock but has not
+    written its JSON yet). Found by CI: the message said 'unknown run'. It now waits for the holder's name."""
+    import fcntl
+    path = tmp_path / "out" / ".repa-lock"
+    path.parent.mkdir()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the winner: locks, signals, then writes its holder info 0.5 s later
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(w, b"x")
+        time.sleep(0.5)
+        info = {"stage": "repa-preprocess", "user": "u", "host": os.uname().nodename, "pid": os.getpid(),
+                "started": "now", "command": "winner"}
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        time.sleep(5)
+        os._exit(0)
+    try:
+        os.read(r, 1)
+        with pytest.raises(LockHeld, match=rf"pid {pid}\b|{pid}"):
+            OutputLock(str(path.parent), stage="repa-train").acquire()
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    faults.record(faults=1, runs=0, kind="lock file not written yet")
