@@ -11,7 +11,7 @@ Protocol (everything through the project's own code; the two arms differ ONLY in
 2. teacher: the demo teacher recipe (`preprocess.demo_teacher`) trained on half A (--teacher-steps is the
    teacher-quality knob). Its token grid is R/16 per side, EQUAL to the student's: SiT-/2 on the R/8 latent
    of the demo autoencoder (the geometry of SiT-/2 on the SD-VAE latent with DINOv2's 16x16 grid at 256 px);
-3. judge: `bench.digits_judge` (a convnet + its features) trained on half B; it never sees the teacher;
+3. judge: `repa.sampler.digits_judge` (a convnet + its features) trained on half B; it never sees the teacher;
 4. data: the demo autoencoder (`demo_teacher.VAERecipe`, trained on all images: it is the data's codec,
    like the SD-VAE), then `repa-preprocess SOURCE --res R --vae <it> --enc-type timm:local-dir:<teacher>`;
 5. lr: for each arm, the best of the same sweep (--lrs, >= 3 values) by final judge FD on a tuning seed
@@ -218,7 +218,7 @@ def _probe(model, config, records, encoder_depth: int) -> dict:
 def run_one(job: dict) -> list[dict]:
     """Train one run (resumes/skips if complete), then judge and probe every checkpoint (cached)."""
     torch.set_num_threads(job["threads"])
-    from bench.digits_judge import load_or_train_judge
+    from repa.sampler.digits_judge import load_or_train_judge
     from repa.sampler.align import read_probe_records
     from repa.trainer.train import train
 
@@ -399,7 +399,7 @@ def main(argv=None) -> dict:
     os.makedirs(args.out, exist_ok=True)
     teacher, teacher_info = make_teacher(args)
     shards = make_shards(args, teacher, teacher_info, make_vae(args))
-    from bench.digits_judge import load_or_train_judge
+    from repa.sampler.digits_judge import load_or_train_judge
     _, judge_info = load_or_train_judge(os.path.join(args.out, "judge"), args.res, source=args.source,
                                         steps=args.judge_steps, log=log)  # trained once, before the workers
 

@@ -7,7 +7,7 @@ scikit-learn; ``--source`` takes anything repa-preprocess accepts: ``digits``, `
 1. images: the source through repa-preprocess's own reader and ADM center crop at the resolution R (default
    64), as uint8 (`source_images`);
 2. split: a seeded permutation cuts the set into two halves (`split_halves`). The teacher trains on half A
-   and reports its accuracy on half B. bench/digits_judge.py trains its independent judge on half B;
+   and reports its accuracy on half B. sampler/digits_judge.py trains its independent judge on half B;
 3. model: ``timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=..., patch_size=...,
    embed_dim=..., depth=..., num_classes=K, class_token=False, global_pool="avg")``: a 4-block ViT whose
    classification reads the mean of its patch tokens, so every output patch token is trained (a CLS
@@ -72,7 +72,7 @@ class TeacherRecipe:
     label_smoothing: float = 0.1
     max_shift: int = 2        # random translation in pixels at resolution R (a quarter digit pixel at R=64)
     seed: int = 0
-    split_seed: int = 1234    # the A/B split shared with the judge (bench/digits_judge.py)
+    split_seed: int = 1234    # the A/B split shared with the judge (sampler/digits_judge.py)
     source: str = "digits"    # anything repa-preprocess accepts: digits, imagefolder:DIR, hf:NAME
 
     def key(self) -> str:

@@ -11,7 +11,7 @@
 #   3. train       repa-train: SiT-/2 on the 8x8 latent -> the SAME 4x4 token grid (as SiT-/2 on the 256 px
 #                  SD-VAE latent and DINOv2's 16x16 grid), REPA on (proj-coeff 0.5 at block 2)
 #   4. sample      repa-sample: 100 class-balanced samples -> PNGs, .npz, grid PNG
-#   5. judge       bench/digits_judge.py: an independent convnet (trained on the other half of the digits,
+#   5. judge       repa.sampler.digits_judge: an independent convnet (trained on the other half of the digits,
 #                  never on the teacher's) reads the samples' classes
 #   6. probe       python -m repa.sampler.align (= repa-eval align): CKNNA of every block with the teacher
 #   7. figures     scripts/plot_losses.py: loss curves PNG, samples grid with one row per class
@@ -56,7 +56,7 @@ NPZ=$(repa-sample --ckpt "$CKPT" --num-fid-samples 100 --label-sampling balanced
     --cfg-scale 2.0 --per-proc-batch-size 100 --sample-dir "$OUT/samples" --no-progress | tail -1)
 
 stamp "5/7 judge: an independent classifier reads the samples' classes"
-JUDGE=$("$PY" bench/digits_judge.py --npz "$NPZ" | tail -1)
+JUDGE=$("$PY" -m repa.sampler.digits_judge --npz "$NPZ" | tail -1)
 echo "$JUDGE" > "$OUT/judge.json"
 
 stamp "6/7 alignment probe (repa-eval align): CKNNA of each block with the teacher"

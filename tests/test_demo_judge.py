@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.digits_judge import DigitsCNN, Judge, frechet_distance, gaussian_stats
+from repa.sampler.digits_judge import DigitsCNN, Judge, frechet_distance, gaussian_stats
 from bench.repa_effect import bootstrap_ratio, gap_interval, parse_args, steps_ratio, steps_to_reach, t_interval
 
 

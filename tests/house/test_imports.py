@@ -10,7 +10,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = ("shards", "preprocess", "trainer", "sampler")
-FROZEN = {"repa.preprocess.vae", "repa.preprocess.teachers", "repa.preprocess.hub", "repa.preprocess.text_encoder"}
+FROZEN = {"repa.preprocess.vae", "repa.preprocess.teachers", "repa.preprocess.hub", "repa.preprocess.text_encoder",
+          "repa.preprocess.demo_teacher"}  # the demo builds its frozen teacher and autoencoder there
 # what each stage may import of ours, besides itself
 ALLOWED = {
     "shards": set(),

@@ -25,6 +25,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from repa.preprocess.demo_teacher import default_cache_root, random_shift, source_images, split_halves
+
+from . import metrics
+
 __all__ = ["DigitsCNN", "Judge", "frechet_distance", "gaussian_stats", "train_judge", "load_or_train_judge"]
 
 
@@ -66,20 +70,9 @@ def gaussian_stats(feats: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """Frechet (2-Wasserstein) distance between N(mu1, sigma1) and N(mu2, sigma2).
-
-    Computed with symmetric eigendecompositions: tr((S1^1/2 S2 S1^1/2)^1/2) is the sum of the square roots of
-    the (clipped non-negative) eigenvalues of the symmetric PSD matrix S1^1/2 S2 S1^1/2, which avoids the
-    complex round-off of a general matrix square root.
-    """
-    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    w, v = np.linalg.eigh((s1 + s1.T) / 2)
-    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    m = root1 @ s2 @ root1
-    cross = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * cross)
+    """Frechet (2-Wasserstein) distance between N(mu1, sigma1) and N(mu2, sigma2): the FID formula of
+    ``repa.sampler.metrics`` (checked matrix square root) on the judge's features."""
+    return metrics.frechet_distance(mu1, sigma1, mu2, sigma2)[0]
 
 
 class Judge:
@@ -111,7 +104,6 @@ def train_judge(images: torch.Tensor, labels: torch.Tensor, *, steps: int = 300,
                 lr: float = 2e-3, seed: int = 0, max_shift: int = 2, num_classes: int = 10,
                 log=print) -> DigitsCNN:
     """Train a `DigitsCNN` on uint8 (N, 3, R, R) images with random translations; returns it in eval mode."""
-    from repa.preprocess.demo_teacher import random_shift
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -139,7 +131,6 @@ def load_or_train_judge(cache_dir: str, resolution: int, *, steps: int = 300, se
     and its info. The cache holds one judge per source: use one cache_dir per source."""
     from safetensors.torch import load_file, save_file
 
-    from repa.preprocess.demo_teacher import source_images, split_halves
 
     images, labels, num_classes = source_images(source, resolution)
     half_a, half_b = split_halves(len(images), split_seed)
@@ -169,7 +160,7 @@ def load_or_train_judge(cache_dir: str, resolution: int, *, steps: int = 300, se
 
 
 def main(argv=None) -> dict:
-    """``python bench/digits_judge.py --npz SAMPLES.npz``: the judge's FD and class accuracy of repa-sample output
+    """``python -m repa.sampler.digits_judge --npz SAMPLES.npz``: the judge's FD and class accuracy of repa-sample output
     (labels from the .npz's arr_1); prints one JSON line."""
     import argparse
     import json
@@ -184,7 +175,6 @@ def main(argv=None) -> dict:
             raise SystemExit(f"digits_judge: {args.npz} has no arr_1 labels; sample with repa-sample")
         images = torch.from_numpy(np.ascontiguousarray(z["arr_0"])).permute(0, 3, 1, 2).contiguous()
         labels = torch.from_numpy(z["arr_1"].astype(np.int64))
-    from repa.preprocess.demo_teacher import default_cache_root
     cache = args.cache or os.path.join(default_cache_root(), "judge")
     judge, info = load_or_train_judge(cache, images.shape[-1], steps=args.steps, source=args.source,
                                       log=lambda m: print(m, file=sys.stderr, flush=True))
@@ -196,7 +186,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if ROOT not in sys.path:
-        sys.path.insert(0, ROOT)
     main()
