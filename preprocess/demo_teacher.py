@@ -161,6 +161,20 @@ def _accuracy(model, view, images, labels, batch: int = 256) -> float:
     return correct / max(1, len(images))
 
 
+def _update(opt, sched, loss) -> None:
+    """One optimiser step of the demo models' training loops."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+
+
+def _progress(log, what: str, step: int, steps: int, loss, t0: float, digits: int) -> None:
+    """Five progress lines per training run."""
+    if log and (step + 1) % max(1, steps // 5) == 0:
+        log(f"{what}: step {step + 1}/{steps} loss {loss.item():.{digits}f} ({time.perf_counter() - t0:.0f} s)")
+
+
 def build_teacher(out_dir: str, recipe: TeacherRecipe = TeacherRecipe(), *, log=print) -> dict:
     """Train the teacher per ``recipe`` and save it (timm folder format) to ``out_dir``; returns its info dict."""
     from timm.models import save_for_hf
@@ -182,13 +196,8 @@ def build_teacher(out_dir: str, recipe: TeacherRecipe = TeacherRecipe(), *, log=
         idx = torch.randint(len(x_train), (recipe.batch_size,), generator=gen)
         x = view.preprocess(random_shift(x_train[idx], recipe.max_shift, gen))
         loss = F.cross_entropy(model(x), y_train[idx], label_smoothing=recipe.label_smoothing)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if log and (step + 1) % max(1, recipe.steps // 5) == 0:
-            log(f"demo teacher: step {step + 1}/{recipe.steps} loss {loss.item():.3f} "
-                f"({time.perf_counter() - t0:.0f} s)")
+        _update(opt, sched, loss)
+        _progress(log, "demo teacher", step, recipe.steps, loss, t0, digits=3)
     train_seconds = time.perf_counter() - t0
 
     parent = os.path.dirname(os.path.abspath(out_dir)) or "."
@@ -305,13 +314,8 @@ def build_vae(out_dir: str, recipe: VAERecipe = VAERecipe(), *, log=print) -> di
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample(generator=None)).sample
         loss = F.mse_loss(rec, x) + recipe.kl_weight * post.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if log and (step + 1) % max(1, recipe.steps // 5) == 0:
-            log(f"demo vae: step {step + 1}/{recipe.steps} loss {loss.item():.4f} "
-                f"({time.perf_counter() - t0:.0f} s)")
+        _update(opt, sched, loss)
+        _progress(log, "demo vae", step, recipe.steps, loss, t0, digits=4)
     vae.eval()
     with torch.no_grad():
         means = torch.cat([vae.encode(x_all[i:i + 256]).latent_dist.mean for i in range(0, len(x_all), 256)])
