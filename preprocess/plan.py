@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from repa.shards import dist as _dist
+from repa.shards.codecs import feature_codecs
 
 from .crop import check_resolution
 from .resume import PreprocessError
@@ -20,7 +21,7 @@ from .stop import parse_signal
 SKIP_DIR = "preprocess-skipped"
 SHARD_PREFIX = "shard"
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-FEATURE_CODECS = ("bf16", "fp16", "fp32", "int8")
+FEATURE_CODECS = feature_codecs()  # the shards' codec registry (bf16 first)
 
 def flag(default, help: str, **cli):
     """An Options field that is also a repa-preprocess flag: `--<name with dashes>`, its help text, and
