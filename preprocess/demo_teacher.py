@@ -200,33 +200,23 @@ def build_teacher(out_dir: str, recipe: TeacherRecipe = TeacherRecipe(), *, log=
         _progress(log, "demo teacher", step, recipe.steps, loss, t0, digits=3)
     train_seconds = time.perf_counter() - t0
 
-    parent = os.path.dirname(os.path.abspath(out_dir)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-teacher-", dir=parent)
-    try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the cache is shared like any folder
+    def write(tmp):  # save, then measure the saved folder the way preprocessing will load it
         model.eval()
         save_for_hf(model, tmp, safe_serialization=True)
-        held = evaluate_folder(tmp, images[held_idx], labels[held_idx], recipe.resolution)
-        train_acc = evaluate_folder(tmp, x_train, y_train, recipe.resolution)
-        info = {
-            "recipe": dataclasses.asdict(recipe), "input_size": input_size,
-            "token_grid": [recipe.resolution // 16] * 2, "num_train": len(train_idx), "num_heldout": len(held_idx),
-            "train_accuracy": train_acc, "heldout_accuracy": held, "train_seconds": round(train_seconds, 1),
-            "params": sum(p.numel() for p in model.parameters()),
-            "num_classes": num_classes,
-            "how": "timm vit_tiny_patch16_224 architecture (random init, class_token=False, global_pool=avg) "
-                   f"trained on split half A of {recipe.source} at the ADM crop; see preprocess/demo_teacher.py",
-        }
-        with open(os.path.join(tmp, INFO_FILE), "w") as f:
-            json.dump(info, f, indent=2)
-        if os.path.isdir(out_dir):  # a concurrent builder won: keep theirs (same recipe, same weights)
-            shutil.rmtree(tmp)
-        else:
-            os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        return {"train_accuracy": evaluate_folder(tmp, x_train, y_train, recipe.resolution),
+                "heldout_accuracy": evaluate_folder(tmp, images[held_idx], labels[held_idx], recipe.resolution)}
+
+    info = {
+        "recipe": dataclasses.asdict(recipe), "input_size": input_size,
+        "token_grid": [recipe.resolution // 16] * 2, "num_train": len(train_idx), "num_heldout": len(held_idx),
+        "train_seconds": round(train_seconds, 1),
+        "params": sum(p.numel() for p in model.parameters()),
+        "num_classes": num_classes,
+        "how": "timm vit_tiny_patch16_224 architecture (random init, class_token=False, global_pool=avg) "
+               f"trained on split half A of {recipe.source} at the ADM crop; see preprocess/demo_teacher.py",
+    }
+    _save_folder(out_dir, write, info, INFO_FILE, prefix=".tmp-teacher-")
+    held, train_acc = info["heldout_accuracy"], info["train_accuracy"]
     if log:
         log(f"demo teacher: held-out accuracy {held:.3f} (train {train_acc:.3f}) on {len(held_idx)} images, "
             f"{train_seconds:.0f} s -> {out_dir}")
@@ -333,14 +323,15 @@ def build_vae(out_dir: str, recipe: VAERecipe = VAERecipe(), *, log=print) -> di
     return info
 
 
-def _save_folder(out_dir: str, write, info: dict, info_name: str) -> None:
-    """Atomic folder write: ``write(tmp)`` then the info JSON, then rename (a concurrent builder may win)."""
+def _save_folder(out_dir: str, write, info: dict, info_name: str, prefix: str = ".tmp-vae-") -> None:
+    """Atomic folder write: ``write(tmp)`` (its returned dict, if any, joins ``info``), then the info JSON, then
+    rename (a concurrent builder with the same recipe may win: keep theirs)."""
     parent = os.path.dirname(os.path.abspath(out_dir)) or "."
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-vae-", dir=parent)
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
     try:
-        os.chmod(tmp, 0o777 & ~_umask())
-        write(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the cache is shared like any folder
+        info.update(write(tmp) or {})
         with open(os.path.join(tmp, info_name), "w") as f:
             json.dump(info, f, indent=2)
         if os.path.isdir(out_dir):
