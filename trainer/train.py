@@ -46,61 +46,83 @@ from repa.trainer.metrics import Preview, RunLog, check_report_to
 from repa.trainer.models import SiT, model_config
 
 
+def flag(default, help: str = "", **cli):
+    """A TrainConfig field that is also a repa-train flag ``--<name with dashes>`` (trainer/cli.py builds the
+    command line from these fields: each flag, its default and its help are written once, here). ``cli`` holds
+    click settings: ``aliases``, ``choices``, ``json`` (a JSON object), ``required``, ``dest``."""
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata={"help": help, **cli})
+    return field(default=default, metadata={"help": help, **cli})
+
+
 @dataclass
 class TrainConfig:
     """Every training flag (CLI ``--foo-bar`` is field ``foo_bar``). Defaults are the paper recipe."""
-    shards: str = ""
-    exp_name: str = "repa"
-    output_dir: str = "exps"
-    storage_options: dict = field(default_factory=dict)
+    shards: str = flag("", "Shard set from repa-preprocess: directory or URL (s3://, ...); a directory holding "
+                       "exactly one shard set is accepted too.", aliases=["--data-dir"], required=True)
+    exp_name: str = flag("repa", "Run folder <output-dir>/<exp-name> (a plain name).", required=True)
+    output_dir: str = flag("exps")
+    storage_options: dict = flag({}, "fsspec options as JSON (object stores).", json=True)
     # model
-    model: str = "SiT-XL/2"
-    model_kwargs: dict = field(default_factory=dict)  # overrides of SiT(...) kwargs (tests, demos)
-    encoder_depth: int = 8
-    fused_attn: bool = True
-    qk_norm: bool = False
+    model: str = flag("SiT-XL/2", "SiT-{S,B,L,XL}/{1,2,4,8}; captioned (text.*) shards: MMDiT-{S,B,L,XL}/2 "
+                      "(MMDiT-B/2 = the official t2i recipe, docs/t2i.md).")
+    model_kwargs: dict = flag({}, "JSON overrides of SiT(...) kwargs, e.g. '{\"depth\": 2, \"hidden_size\": 64, "
+                              "\"num_heads\": 2}'.", json=True)
+    encoder_depth: int = flag(8, "1-indexed block whose output is projected.")
+    fused_attn: bool = flag(True)
+    qk_norm: bool = flag(False, pair=True)
     # loss
-    proj_coeff: float = 0.5
-    path_type: str = "linear"
-    prediction: str = "v"
-    weighting: str = "uniform"
-    cfg_prob: float = 0.1
+    proj_coeff: float = flag(0.5)
+    path_type: str = flag("linear", choices=["linear", "cosine"])
+    prediction: str = flag("v", choices=["v"])
+    weighting: str = flag("uniform", choices=["uniform", "lognormal"])
+    cfg_prob: float = flag(0.1, "Label dropout probability = the model's class_dropout_prob (applied once, inside "
+                           "the model).")
     # optimisation
-    batch_size: int = 256  # GLOBAL batch (all processes x accumulation steps)
-    learning_rate: float = 1e-4
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 0.0
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    gradient_accumulation_steps: int = 1
-    max_train_steps: int = 400_000
-    ema_decay: float = 0.9999
-    mixed_precision: str = "fp16"
-    allow_tf32: bool = False
-    compile: bool = False
-    grad_checkpointing: bool = False
-    seed: int = 0
+    batch_size: int = flag(256, "GLOBAL batch over all processes and accumulation steps.")
+    learning_rate: float = flag(1e-4)
+    adam_beta1: float = flag(0.9)
+    adam_beta2: float = flag(0.999)
+    adam_weight_decay: float = flag(0.0)
+    adam_epsilon: float = flag(1e-8)
+    max_grad_norm: float = flag(1.0)
+    gradient_accumulation_steps: int = flag(1)
+    max_train_steps: int = flag(400_000)
+    ema_decay: float = flag(0.9999)
+    mixed_precision: str = flag("fp16", choices=["no", "fp16", "bf16"])
+    allow_tf32: bool = flag(False)
+    compile: bool = flag(False, "torch.compile the SiT.")
+    grad_checkpointing: bool = flag(False, "Activation checkpointing of every SiT block (less memory, ~30% more "
+                                    "compute).")
+    seed: int = flag(0, "Rank r uses seed + r.")
     # data
-    num_workers: int = 4
-    shuffle_window: int = 512
+    num_workers: int = flag(4, "DataLoader workers per process.")
+    shuffle_window: int = flag(512)
     # checkpoints / logging
-    checkpointing_steps: int = 50_000
-    keep_last: int = 0  # 0 = keep all
-    resume: str | None = "auto"  # "auto" (newest intact checkpoint of this experiment, else a fresh start) or a dir
-    skip_bad: bool = False  # skip (and count) corrupt records instead of stopping
-    requeue_signal: str = "USR1"  # besides SIGTERM/SIGINT: checkpoint, then exit 0 ("none" to disable)
-    preview_vae: str | None = None  # where the preview decoder finds the shards' VAE if its folder moved
-    progress: bool = True  # the tqdm bar
-    report_to: str = "none"
-    sampling_steps: int = 10_000
-    num_preview: int = 16
-    preview_steps: int = 50
-    preview_cfg: float = 4.0
-    # HASTE (issue 6)
-    haste: bool | None = None  # None = on iff the manifest has provenance["haste"]
-    attn_coeff: float = 0.5
-    early_stop_point: int = 250_000
+    checkpointing_steps: int = flag(50_000)
+    keep_last: int = flag(0, "Keep only the newest K checkpoints (0: all; nothing else is ever deleted).")
+    resume: str | None = flag("auto", "'auto': continue from the newest intact checkpoint of this experiment (a "
+                              "fresh start if it has none), so rerunning the same command (a SLURM requeue) "
+                              "continues; or a checkpoint directory.")
+    skip_bad: bool = flag(False, "Skip corrupt records (counted in metrics.jsonl as skipped_records and in the "
+                          "log) instead of stopping with a checkpoint.")
+    requeue_signal: str = flag("USR1", "Signal that means 'checkpoint, then exit 0' (besides SIGTERM/SIGINT), "
+                               "e.g. for sbatch --signal=USR1@120; 'none' to disable.")
+    preview_vae: str | None = flag(None, "VAE folder for decoding previews when the shards' VAE folder (manifest "
+                                   "vae.id) has moved.")
+    progress: bool = flag(True, "tqdm progress bar.")
+    report_to: str = flag("none", "Tracker; <output-dir>/<exp-name>/metrics.jsonl is written in any case.",
+                          choices=["none", "tensorboard", "wandb"])
+    sampling_steps: int = flag(10_000, "EMA preview grid every N steps (0: off).")
+    num_preview: int = flag(16)
+    preview_steps: int = flag(50, "Euler steps of the preview sampler.")
+    preview_cfg: float = flag(4.0)
+    # HASTE
+    haste: bool | None = flag(None, "HASTE attention alignment (default: on iff the shards were written with "
+                              "repa-preprocess --haste).", pair=True)
+    attn_coeff: float = flag(0.5)
+    early_stop_point: int = flag(250_000, "HASTE: first step without any alignment (no teacher data is read "
+                                 "from then on).")
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
