@@ -83,7 +83,7 @@ def _live_holder(fd: int, wait_s: float = 2.0) -> dict | None:
     while True:
         held = _parse(os.pread(fd, 1 << 16, 0))
         mine = held and held.get("host") == socket.gethostname() and isinstance(held.get("pid"), int)
-        if (held and not mine) or (mine and _alive(held["pid"])) or time.monotonic() >= deadline:
+        if (held and not mine) or (mine and pid_alive(held["pid"])) or time.monotonic() >= deadline:
             return held
         time.sleep(0.02)
 
@@ -236,7 +236,7 @@ class _Lease:
     def _stale(self, old: dict | None) -> bool:
         if not old:
             return True  # unreadable lease (a torn write of a store without atomic puts): nobody holds it
-        if old.get("host") == socket.gethostname() and isinstance(old.get("pid"), int) and not _alive(old["pid"]):
+        if old.get("host") == socket.gethostname() and isinstance(old.get("pid"), int) and not pid_alive(old["pid"]):
             return True  # its holder ran on this host and is gone: no need to wait for the TTL
         ttl = float(old.get("ttl_s", self.ttl_s))
         return time.time() - float(old.get("renewed_unix", 0)) > ttl
@@ -356,7 +356,8 @@ class _PlainStore:
         storage.remove(self.url, self.opts)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host exists (another user's live process counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

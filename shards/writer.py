@@ -20,6 +20,7 @@ import warnings
 
 from . import storage
 from .codecs import encode_field
+from .lock import pid_alive
 from .manifest import MANIFEST_NAME, Manifest, ManifestError, ShardInfo, write_manifest
 from .schema import SCHEMA_VERSION, FieldSpec
 from .tario import END_OF_ARCHIVE, RecordCodec
@@ -332,16 +333,6 @@ def finalize_manifest(out: str, fields: dict[str, FieldSpec], provenance: dict, 
     return manifest
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's live process
-    return True
-
-
 def cleanup_stale_uploads(out: str, storage_options: dict | None = None) -> dict[str, int]:
     """Remove what killed writers of the object-store shard set ``out`` left behind.
 
@@ -361,7 +352,7 @@ def cleanup_stale_uploads(out: str, storage_options: dict | None = None) -> dict
     tmpdir, mine = tempfile.gettempdir(), "." + staging_prefix(out)
     for n in os.listdir(tmpdir):
         t = storage.temp_target(n)
-        if t is not None and n.startswith(mine) and not _pid_alive(t[1]):
+        if t is not None and n.startswith(mine) and not pid_alive(t[1]):
             try:
                 os.unlink(os.path.join(tmpdir, n))
                 result["temps_removed"] += 1

@@ -41,7 +41,7 @@ from repa.shards import ShardStream
 from repa.shards import records as R
 from repa.shards import storage
 from repa.trainer.metrics import PreviewDecoder, save_png, to_grid
-from repa.trainer.models import TimestepEmbedder, build_mlp, get_2d_sincos_pos_embed
+from repa.trainer.models import Mlp, TimestepEmbedder, build_mlp, get_2d_sincos_pos_embed
 
 __all__ = ["MMDiT", "MMDIT_ARCHS", "mmdit_config", "build_mmdit", "is_mmdit_name", "CONTEXT_DIM"]
 
@@ -71,19 +71,6 @@ class RMSNorm(nn.Module):
 def _norm(dim: int, rmsnorm: bool) -> nn.Module:
     """The affine-free pre-norm of a stream (LayerNorm or RMSNorm, eps 1e-6)."""
     return RMSNorm(dim) if rmsnorm else nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-
-
-class Mlp(nn.Module):
-    """fc1 -> GELU(tanh) -> fc2."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class SwiGLU(nn.Module):
